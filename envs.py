@@ -67,12 +67,18 @@ def _check_seed(seed):
     # bool is an int subclass, but reset(True) is almost certainly a bug
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"reset(seed) needs an int seed, got {seed!r}")
+    if seed < 0:  # random.Random(-s) is random.Random(s): two seeds would share a puzzle
+        raise ValueError(f"reset(seed) needs a non-negative seed, got {seed}")
     return int(seed)
 
 
-def _check_can_step(env):
+def _check_reset(env):
     if env._state is None:
-        raise RuntimeError(f"{type(env).__name__}: call reset(seed) before step()")
+        raise RuntimeError(f"{type(env).__name__}: call reset(seed) first")
+
+
+def _check_can_step(env):
+    _check_reset(env)
     if env.done:
         raise RuntimeError(f"{type(env).__name__}: the episode is over; call reset(seed) to start a new one")
 
@@ -332,6 +338,7 @@ class Sokoban:
         return self.render(), reward, self.done, _info(True, effective, success)
 
     def render(self, mode=None):
+        _check_reset(self)
         mode = self.render_mode if mode is None else _check_render_mode(mode)
         cells = self._background[:]
         for b in self._boxes:
@@ -354,8 +361,7 @@ class Sokoban:
 
     def solve(self, max_depth=None):
         """Optimal (shortest) action list from the current state; None if the boxes are stuck."""
-        if self._state is None:
-            raise RuntimeError("Sokoban: call reset(seed) before solve()")
+        _check_reset(self)
         return sokoban_solve(self._walls, self.width, self._targets, self._boxes, self._player,
                              max_depth=max_depth)
 
@@ -495,6 +501,7 @@ class FrozenLake:
         return self.render(), 1.0 if success else 0.0, self.done, _info(True, effective, success)
 
     def render(self, mode=None):
+        _check_reset(self)
         mode = self.render_mode if mode is None else _check_render_mode(mode)
         n, p = self.size, self._player
         cells = ["O" if i in self._holes else "_" for i in range(n * n)]
@@ -513,11 +520,11 @@ class FrozenLake:
 
     def shortest_path(self):
         """Shortest action list from the current cell to the goal ignoring slips (None if none)."""
+        _check_reset(self)
         return _shortest_path(self.size, self._holes, self._player, self._goal)
 
     def _key(self):
-        if self._state is None:
-            raise RuntimeError("FrozenLake: call reset(seed) first")
+        _check_reset(self)
         return self.size, self._holes, self._goal, self.slippery
 
     def transition_matrices(self):
@@ -532,7 +539,12 @@ class FrozenLake:
         means the player fell in, the goal cell that it arrived."""
         T = self.transition_matrices()
         n = self.size
-        start = self._player if position is None else position[0] * n + position[1]
+        if position is None:
+            start = self._player
+        elif len(position) == 2 and all(0 <= int(x) < n for x in position):
+            start = int(position[0]) * n + int(position[1])
+        else:
+            raise ValueError(f"position must be (row, col) on the {n}x{n} board, got {position!r}")
         budget = self.actions_left if actions_left is None else actions_left
         dist = np.zeros(n * n)
         dist[start] = 1.0
@@ -546,7 +558,7 @@ class FrozenLake:
             dist = dist @ T[a]
         return {divmod(int(s), n): float(dist[s]) for s in np.flatnonzero(dist > 1e-12)}
 
-    def oracle(self, max_turns=5, max_actions_per_turn=5):
+    def oracle(self, *, max_turns=5, max_actions_per_turn=5):
         """Best achievable success probability from the start cell with the full budget.
 
         "turn_success": under the structure the agent plays in -- it sees the state only between
@@ -560,7 +572,7 @@ class FrozenLake:
         return {"turn_success": float(W[max_turns, self.max_steps, self._start]),
                 "closed_loop_success": float(V[self._start])}
 
-    def oracle_actions(self, turns_left, max_actions_per_turn=5, max_turns=5):
+    def oracle_actions(self, turns_left, *, max_turns=5, max_actions_per_turn=5):
         """The optimal next turn's actions from the current state with turns_left turns and
         self.actions_left actions left (the open-loop plan the turn-structured oracle commits to).
         Returns [] when nothing can help (no turns or actions left, or the episode is over)."""
@@ -792,6 +804,7 @@ class Sudoku:
         return cell, v
 
     def render(self, mode=None):
+        _check_reset(self)
         mode = self.render_mode if mode is None else _check_render_mode(mode)
         g = self._grid
         grid = "\n".join(" ".join(str(v) if v else "." for v in g[i:i + 4]) for i in range(0, 16, 4))
@@ -805,8 +818,7 @@ class Sudoku:
     def solve(self):
         """Actions that complete the grid from the current state (None if it can no longer be
         completed, e.g. after a legal but wrong digit)."""
-        if self._state is None:
-            raise RuntimeError("Sudoku: call reset(seed) before solve()")
+        _check_reset(self)
         solutions = sudoku_solutions(self._grid)
         if not solutions:
             return None

@@ -61,9 +61,13 @@ def test_step_before_reset_after_done_and_bad_seed(name):
     env = envs.make(name)
     with pytest.raises(RuntimeError, match="reset"):
         env.step("Up")
+    with pytest.raises(RuntimeError, match="reset"):
+        env.render()
     for bad in (None, "3", 1.0, True):
         with pytest.raises(TypeError, match="int seed"):
             env.reset(bad)
+    with pytest.raises(ValueError, match="non-negative"):
+        env.reset(-5)
     env.reset(0)
     env.done = True  # any finished episode; the rule-specific tests finish them for real
     with pytest.raises(RuntimeError, match="over"):
@@ -430,6 +434,9 @@ def test_frozenlake_outcome_distribution():
     dist = env.outcome_distribution(["Right", "junk", "Down", "Down"])
     assert sum(dist.values()) == pytest.approx(1.0)
     assert env.outcome_distribution(["Down"], position=(1, 1)) == {(1, 1): 1.0}
+    for bad in ((0, 4), (-1, 0), (9, 9), (1,)):
+        with pytest.raises(ValueError, match="position"):
+            env.outcome_distribution(["Down"], position=bad)
     # the budget: with 1 action left only the first action runs
     assert env.outcome_distribution(["Right", "Right"], actions_left=1) == pytest.approx(
         env.outcome_distribution(["Right"]))

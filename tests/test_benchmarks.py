@@ -1,0 +1,22 @@
+"""The benchmark scripts run with no arguments and end with one JSON line (SPEC §9)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(name):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_envs_figures():
+    result = run_benchmark("bench_envs.py")
+    for key in ("sokoban_puzzles_per_s", "frozenlake_puzzles_per_s", "sudoku_puzzles_per_s", "steps_per_s"):
+        assert result[key] > 0
+    hist = result["sokoban_optimal_len_hist"]
+    assert list(hist) == [str(k) for k in range(1, 11)] and sum(hist.values()) > 0
+    assert 0 < result["frozenlake_oracle_turn_success_mean"] <= result["frozenlake_oracle_closed_loop_success_mean"] <= 1
