@@ -1,27 +1,874 @@
 """
-The LLM side of SPA, shared by self-play, PPO and evaluation (SPEC §3).
+The LLM side of SPA, shared by self-play SFT, PPO and evaluation (SPEC §3, §8).
 
-This file holds how a model's response is read: the actions are the text between
-`<answer>` and `</answer>`, split on `||`, stripped, at most 5 per turn.
+Read top to bottom:
+  1. prompts       -- the system prompt, per-env instructions, the turn template, both modes
+  2. parsing       -- response text -> actions, observation, prediction, format validity
+  3. models        -- loading a Hugging Face checkpoint; random-init models of real shapes
+  4. tiny preset   -- a from-scratch tokenizer and Qwen2 model that run on a laptop CPU
+  5. sampler       -- batched generation with a KV cache, written by hand
+  6. rollout       -- env_groups x group_size multi-turn episodes, every live episode's next
+                      turn generated in one batch
+
+The stages import what they need from here (and the rules from envs.py); nothing here is
+stage-specific.
 """
+import json
+import os
+import random
 import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.utils import logging as transformers_logging
+
+import envs
+
+# Our scripts show their own progress; transformers' per-load/per-save bars would interleave with it.
+transformers_logging.disable_progress_bar()
+
+# -----------------------------------------------------------------------------
+# 1. Prompts (SPEC §3)
+#
+# Chat format (Qwen style): a system message, then the first user message = the env instruction
+# followed by turn 1; every later user message starts with "Reward:\n<r>\n" and then the next turn.
+# The generation prompt ends with "<think>", so the model starts thinking straight away.
+
+SYSTEM_PROMPT = "You're a helpful assistant."
+MODES = ("worldmodel", "base")
+FORMATS = {
+    "worldmodel": ("<think> <observation> [current state] </observation> [Your thoughts] "
+                   "<prediction> [next state]</prediction> </think> <answer> [your answer] </answer>"),
+    "base": "<think> [Your thoughts] </think> <answer> [your answer] </answer>",
+}
+THINK_START = "<think>"
+# Tags the format uses; the tiny tokenizer makes each of them one token.
+TAGS = ("<think>", "</think>", "<observation>", "</observation>", "<prediction>", "</prediction>",
+        "<answer>", "</answer>")
+
+MAX_TURNS = 5
 MAX_ACTIONS_PER_TURN = 5
 ACTION_SEPARATOR = "||"
+FORMAT_PENALTY = -0.1
+
+# The env instruction states the rules, the symbols, the coordinate convention and one example
+# answer. "full" is for instruction-tuned models at paper scale; "short" is the tiny preset's, as
+# every token costs CPU time there. Both agree with envs.py; tests check the symbols against it.
+INSTRUCTIONS = {
+    "full": {
+        "sokoban": (
+            "You are playing Sokoban. You are the player P in a warehouse; walk into a box X to "
+            "push it one cell, and get every box onto a target O. A box cannot be pulled, and it "
+            "cannot move into a wall or another box.\n"
+            "Symbols: # wall, _ floor, O target, X box, √ box on a target, P player, S player on a target.\n"
+            "Positions are (row,col), counted from 0 at the top-left cell.\n"
+            "Actions: Up, Down, Left, Right. Give up to 5 per turn, joined by ||, for example "
+            "<answer>Left || Up</answer>"),
+        "frozenlake": (
+            "You are playing FrozenLake. You are the player P on a frozen lake; reach the goal G "
+            "without falling into a hole O. The ice is slippery: a move can take you sideways "
+            "instead of where you meant to go, but never backwards.\n"
+            "Symbols: _ ice, O hole, G goal, P player, X player in a hole, √ player on the goal.\n"
+            "Positions are (row,col), counted from 0 at the top-left cell.\n"
+            "Actions: Left, Down, Right, Up. Give up to 5 per turn, joined by ||, for example "
+            "<answer>Down || Right</answer>"),
+        "sudoku": (
+            "You are solving a 4x4 Sudoku. Fill every empty cell (.) with a digit from 1 to 4 so "
+            "that every row, every column and every 2x2 box holds 1, 2, 3 and 4 exactly once.\n"
+            "Positions are (row,col), counted from 1 at the top-left cell.\n"
+            "Action: row,col,digit writes a digit into an empty cell. Give up to 5 per turn, "
+            "joined by ||, for example <answer>1,2,3 || 4,1,2</answer>"),
+    },
+    "short": {
+        "sokoban": ("Sokoban: push every box X onto a target O. # wall, _ floor, √ box on target, "
+                    "P you, S you on target. (row,col) from 0. Actions Up Down Left Right, "
+                    "e.g. <answer>Left || Up</answer>"),
+        "frozenlake": ("FrozenLake: reach the goal G, avoid holes O; the ice may slip you sideways. "
+                       "_ ice, P you, X you in a hole, √ you on G. (row,col) from 0. Actions Left "
+                       "Down Right Up, e.g. <answer>Down || Right</answer>"),
+        "sudoku": ("Sudoku 4x4: fill each . with 1-4, once per row, column and 2x2 box. (row,col) "
+                   "from 1. Action row,col,digit, e.g. <answer>1,2,3 || 4,1,2</answer>"),
+    },
+}
+
+
+def format_reward(reward):
+    """-0.30000000000000004 -> '-0.3', 1.0 -> '1', -0.0 -> '0' (how the model is told its reward)."""
+    return f"{round(reward, 4) + 0.0:g}"
+
+
+def turn_text(turn, state, actions_left, mode, max_response_tokens):
+    """One turn of a user message, exactly the template of SPEC §3 (turns count from 1)."""
+    return (f"Turn {turn}:\nState:\n{state}\nYou have {actions_left} actions left. "
+            f"Always output: {FORMATS[mode]} with no extra text. Strictly follow this format. "
+            f"Max response length: {max_response_tokens} words (tokens).")
+
+
+def user_message(turn, state, actions_left, mode, max_response_tokens, instruction=None, reward=None):
+    """The user message that opens a turn: the env instruction on the first turn, the previous
+    turn's reward on every later one."""
+    head = instruction + "\n" if instruction is not None else ""
+    if reward is not None:
+        head += f"Reward:\n{format_reward(reward)}\n"
+    return head + turn_text(turn, state, actions_left, mode, max_response_tokens)
+
+
+def prompt_text(tokenizer, messages):
+    """The text the model continues: the chat template with its generation prompt, plus <think>."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + THINK_START
+
+
+# -----------------------------------------------------------------------------
+# 2. Parsing (SPEC §3)
+#
+# A response (including the <think> the prompt ended with) is format-valid when it is exactly
+#   <think> ... </think> <answer> ... </answer>
+# with nothing but whitespace around, no tag nested or repeated inside a span, at least one
+# action in the answer, and -- in world-model mode -- <observation>...</observation> followed by
+# <prediction>...</prediction> inside the think span.
+
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_RESPONSE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+_WORLD_MODEL = re.compile(r"(.*?)<observation>(.*?)</observation>(.*?)<prediction>(.*?)</prediction>(.*)",
+                          re.DOTALL)
+
+
+def split_actions(answer, max_actions=MAX_ACTIONS_PER_TURN):
+    """The text of an answer -> its actions: split on '||', stripped, empty pieces dropped,
+    at most max_actions kept (the rest of an over-long answer is ignored)."""
+    actions = [a.strip() for a in answer.split(ACTION_SEPARATOR)]
+    return [a for a in actions if a][:max_actions]
 
 
 def parse_actions(response, max_actions=MAX_ACTIONS_PER_TURN):
-    """The actions of one response: the first <answer>...</answer> split on '||', stripped,
-    empty pieces dropped, at most max_actions kept. [] when there is no complete answer.
+    """The actions of the first <answer>...</answer> in any text; [] when there is none.
 
-    Never raises on text: whether an action is one the env understands is the env's call
-    (an unknown action comes back with action_is_valid=False), so junk passes through as a string.
+    Lenient on purpose (the rollout uses parse_response, which also checks the format): it never
+    raises on text, and whether an action is one the env understands is the env's call.
     """
     if not isinstance(response, str):
         return []
     match = _ANSWER.search(response)
+    return split_actions(match.group(1), max_actions) if match else []
+
+
+def parse_response(response, mode, max_actions=MAX_ACTIONS_PER_TURN):
+    """Read one assistant turn. Returns a dict:
+      format_valid  -- the response follows the mode's format (see above)
+      actions       -- the answer's actions ([] unless format_valid)
+      think, answer, observation, prediction -- the stripped spans, None where absent
+    """
+    parsed = {"format_valid": False, "actions": [], "think": None, "answer": None,
+              "observation": None, "prediction": None}
+    match = _RESPONSE.fullmatch(response) if isinstance(response, str) else None
     if match is None:
-        return []
-    actions = [a.strip() for a in match.group(1).split(ACTION_SEPARATOR)]
-    return [a for a in actions if a][:max_actions]
+        return parsed
+    think, answer = match.groups()
+    parsed["think"], parsed["answer"] = think.strip(), answer.strip()
+    if any(tag in think or tag in answer for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return parsed  # nested or repeated
+    valid = True
+    world = _WORLD_MODEL.fullmatch(think)
+    if world is not None:
+        parsed["observation"], parsed["prediction"] = world.group(2).strip(), world.group(4).strip()
+        state_tags = ("<observation>", "</observation>", "<prediction>", "</prediction>")
+        valid = not any(tag in span for span in world.groups() for tag in state_tags)
+    if mode == "worldmodel" and world is None:
+        valid = False
+    actions = split_actions(answer, max_actions)
+    parsed["format_valid"] = valid and bool(actions)
+    parsed["actions"] = actions if parsed["format_valid"] else []
+    return parsed
+
+
+# -----------------------------------------------------------------------------
+# 3. Models
+#
+# One loader for every stage: a Hugging Face id or a local folder (ours are saved in the same
+# format), bf16 + SDPA on GPU, fp32 on CPU, never trust_remote_code.
+
+# Shapes of real architectures, for random-init models: the compute, memory and speed of the
+# paper-scale path can be measured here even though the weights cannot be downloaded.
+ARCHITECTURES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True),
+}
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded, with a message that says why and what to do."""
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    try:
+        if _declares_generic_tokenizer(name_or_path):
+            # transformers 5 rebuilds the pre-tokenizer of every checkpoint whose config says
+            # "qwen2" with Qwen's own regex, ignoring tokenizer.json. The tiny preset's tokenizer
+            # has a pre-tokenizer of its own, so a checkpoint that declares the generic backend is
+            # loaded from its tokenizer.json exactly as saved.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except Exception as e:  # OSError (missing / offline), ValueError, json or safetensors errors (corrupt)
+        raise ModelLoadError(_load_failure(name_or_path, "tokenizer", e)) from e
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"the tokenizer of {name_or_path!r} has no chat template; SPA's prompts "
+                             f"are chats (use an instruct model or a checkpoint saved by this project)")
+    return tokenizer
+
+
+def _declares_generic_tokenizer(name_or_path):
+    path = os.path.join(name_or_path, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_model(name_or_path, device=None, dtype=None):
+    """(model, tokenizer) from a Hugging Face id or local folder, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    tokenizer = load_tokenizer(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=False)
+    except Exception as e:  # as in load_tokenizer: re-raised below with what to do about it
+        raise ModelLoadError(_load_failure(name_or_path, "model", e)) from e
+    return model.to(device).eval(), tokenizer
+
+
+def _load_failure(name_or_path, what, error):
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isdir(name_or_path):
+        return f"cannot load the {what} from folder {name_or_path!r} (missing or corrupt files?): {first_line}"
+    return (f"cannot load the {what} {name_or_path!r}: there is no such folder, and the Hugging Face "
+            f"Hub could not provide it as a model id (no network, HF_HUB_OFFLINE set, or a wrong id). "
+            f"Download it where there is network and pass the folder, or use --preset tiny. ({first_line})")
+
+
+def random_model(arch, device=None, dtype=None, seed=0):
+    """A randomly initialised model of a named real architecture (see ARCHITECTURES)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    device = torch.device(device) if device is not None else default_device()
+    config = Qwen2Config(**ARCHITECTURES[arch], attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise straight on the device: no 6 GB detour through host RAM
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or default_dtype(device))
+    return model.eval()
+
+
+def save_checkpoint(model, tokenizer, out_dir, run_config=None):
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer files, run_config.json),
+    written to a temporary folder beside out_dir and renamed into place: a crash never leaves a
+    half-written checkpoint, and an existing one is replaced only once the new one is complete."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        model = getattr(model, "module", model)  # DDP wrapper
+        model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if run_config is not None:
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(run_config, f, indent=2, sort_keys=True)
+        if os.path.exists(out_dir):
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# 4. The tiny preset (SPEC §8)
+#
+# A Qwen2-architecture model of a few million parameters and a BPE tokenizer trained here, on the
+# text the model will actually read and write: prompts of all three envs in both modes, their
+# states in both renderings, and responses in the world-model format. Nothing is downloaded.
+#
+# Tokenisation is chosen for what the model must learn, a world model of grids:
+#  - every grid cell is its own token (so predicting the next grid is copying cells and editing
+#    a few, position by position) -- a pre-tokenizer isolates the cells of grid lines; only runs of
+#    wall, which never change, are merged (a Sokoban border row is one token);
+#  - every coordinate "(r,c)" is one token;
+#  - the format tags are single tokens;
+#  - everything else is ordinary byte-level BPE over the real prompts, so the fixed instruction
+#    and format sentences, repeated in every prompt, collapse into a handful of tokens.
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# ChatML, as Qwen's own template renders it for messages without tools.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+                 "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+_GRID_SYMBOLS = "#_OXPSG√"
+_PRETOKEN_PATTERN = (
+    rf"(?:^|(?<=[{_GRID_SYMBOLS}]))(?:#+|[{_GRID_SYMBOLS}])(?=[{_GRID_SYMBOLS}]*$)"  # a cell (or run of wall) of a grid line
+    r"|(?:^|(?<=[1-4.]) )[1-4.](?=(?: [1-4.])*$)"  # a cell of a Sudoku line, with its leading space
+    r"|\(\d+,\d+\)")  # a coordinate
+TINY_VOCAB_SIZE = 1024
+TINY_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10_000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY_MAX_RESPONSE_TOKENS = 128
+
+
+def tokenizer_corpus(seed=0, episodes_per_env=300):
+    """Text the tiny tokenizer learns from: random play in every env, mode and rendering, written
+    as full chat transcripts with world-model and base responses."""
+    rng = random.Random(seed)
+    texts = []
+    for env_name in envs.ENVS:
+        for i in range(episodes_per_env):
+            mode = MODES[i % 2]
+            instruction = INSTRUCTIONS["short" if i % 3 else "full"][env_name]
+            env = envs.make(env_name)
+            env.reset(rng.randrange(1_000_000))
+            actions = (env.ACTIONS if env_name != "sudoku" else
+                       [f"{r},{c},{v}" for r in range(1, 5) for c in range(1, 5) for v in range(1, 5)])
+            parts = [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"]
+            reward = None
+            for turn in range(1, MAX_TURNS + 1):
+                render = "coords" if i % 4 < 2 else "grid"
+                state = env.render(render)
+                parts.append(user_message(turn, state, env.actions_left, mode, rng.choice((128, 400)),
+                                          instruction if turn == 1 else None, reward))
+                parts.append("<|im_end|>\n<|im_start|>assistant\n")
+                chosen = [rng.choice(actions) for _ in range(rng.randint(1, MAX_ACTIONS_PER_TURN))]
+                coords_before = env.render("coords")
+                reward = 0.0
+                for a in chosen:
+                    if not env.done:
+                        reward += env.step(a)[1]
+                answer = f" {ACTION_SEPARATOR} ".join(chosen)
+                if mode == "worldmodel":
+                    parts.append(f"<think> <observation> {coords_before} </observation> I will move. "
+                                 f"<prediction> {env.render('grid')} </prediction> </think> "
+                                 f"<answer> {answer} </answer><|im_end|>\n")
+                else:
+                    parts.append(f"<think> I will move. </think> <answer> {answer} </answer><|im_end|>\n")
+                if env.done:
+                    break
+                parts.append("<|im_start|>user\n")
+            texts.append("".join(parts))
+    return texts
+
+
+def train_tiny_tokenizer(vocab_size=TINY_VOCAB_SIZE, seed=0):
+    """A byte-level BPE tokenizer trained on tokenizer_corpus(), as a transformers tokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRETOKEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+
+
+def build_tiny_model(out_dir, seed=0, model_config=None):
+    """Train the tiny tokenizer, initialise a tiny Qwen2 model, save both as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    tokenizer = train_tiny_tokenizer(seed=seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                         attn_implementation="sdpa", **(model_config or TINY_MODEL))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return save_checkpoint(model, tokenizer, out_dir,
+                           run_config={"preset": "tiny", "seed": seed, "model": model_config or TINY_MODEL})
+
+
+def ensure_tiny_model(out_dir, seed=0):
+    """The fresh tiny model's folder, built on first use (a few seconds) and reused after."""
+    if not os.path.exists(os.path.join(out_dir, "config.json")):
+        build_tiny_model(out_dir, seed=seed)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# 5. The sampler
+#
+# Generation is a loop over the model's forward pass. A naive loop re-runs the whole sequence
+# for every new token; instead, each attention layer keeps the keys and values of all tokens it
+# has seen (the KV cache), so a step only computes the new token's query, key and value and
+# attends over the cache. The prompt goes through in one forward pass (the "prefill"), then one
+# token per row per step (the "decode").
+#
+# Batching prompts of different lengths: prompts are LEFT-padded, so every row's next token is in
+# the last column. Two things keep pads from leaking into real tokens:
+#  - attention_mask (B, T): 1 for real tokens, 0 for pads; it covers cached and new columns and
+#    grows by one column per step. The model turns it into the causal 4-D mask itself.
+#  - position_ids: a row's first real token has position 0, whatever its padding, so rotary
+#    embeddings see the same positions as for an unpadded prompt: cumsum(mask) - 1 at prefill,
+#    then each row's last position + 1 per step. (transformers 5.x derives nothing from
+#    cache_position any more, so positions are always passed explicitly.)
+#
+# Rows stop independently (on <|im_end|> / EOS or their token budget). A finished row is dropped
+# from the batch -- its cache rows included -- once a quarter of the batch has finished, so that
+# finished rows stop costing compute without copying the cache after every single stop.
+
+class _PreallocatedLayer(CacheLayerMixin):
+    """One attention layer's keys and values, in buffers sized for the whole generation.
+
+    transformers' DynamicCache concatenates every step (copying the whole cache each time: quadratic
+    in the length); here a step writes its one new column in place and returns views of the filled
+    part. The model's forward calls update(); the mask builder calls get_mask_sizes().
+    """
+    is_sliding, supports_early_init = False, False
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_zeros(b, h, self.capacity, d)  # zeros: pad columns are masked, but never NaN
+        self.value_buffer = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):  # (B, H_kv, n, D) each
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length} + {n} > {self.capacity}")
+        self.key_buffer[:, :, self.length:self.length + n] = key_states
+        self.value_buffer[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def write_rows(self, rows, keys, values, width, batch_size):
+        """Prefill of a group of rows: their (c, H_kv, w, D) keys/values go into the last w of the
+        first `width` columns (right-aligned, as the batch is left-padded)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys.new_empty(batch_size, *keys.shape[1:]),
+                                     values.new_empty(batch_size, *values.shape[1:]))
+        index = torch.tensor(rows, device=keys.device)
+        self.key_buffer[index, :, width - keys.shape[-2]:width] = keys
+        self.value_buffer[index, :, width - values.shape[-2]:width] = values
+        self.length = width
+        self.keys = self.key_buffer[:, :, :width]
+        self.values = self.value_buffer[:, :, :width]
+
+    def get_seq_length(self):
+        return self.length
+
+    def get_mask_sizes(self, query_length):  # (kv_length, kv_offset) for the mask builder
+        return self.length + query_length, 0
+
+    def get_max_length(self):
+        return self.capacity
+
+    def batch_select_indices(self, indices):  # keep only these rows
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer[indices]
+            self.value_buffer = self.value_buffer[indices]
+            self.keys = self.key_buffer[:, :, :self.length]
+            self.values = self.value_buffer[:, :, :self.length]
+
+
+def _make_cache(model, capacity):
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(n_layers)])
+
+
+def _cache_kwarg(model):
+    """transformers renamed forward's `past_key_values` to `cache` during 5.x; use what it takes."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def stop_token_ids(tokenizer):
+    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def _pick_tokens(logits, temperature, top_p, top_k, generator):
+    """Next token per row from (b, V) fp32 logits; greedy when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (b, V)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward pass
+
+
+def _left_pad(prompts, pad_id):
+    """(ids, mask), both (len(prompts), longest): prompts right-aligned, pads on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _prefill_chunks(prompts, max_tokens=PREFILL_TOKENS):
+    """Prompt indices grouped by length (shortest first), at most max_tokens padded tokens per
+    group, so that a short prompt is not padded to the longest one of the whole batch."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks, chunk = [], []
+    for i in order:
+        if chunk and (len(chunk) + 1) * len(prompts[i]) > max_tokens:
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(i)
+    return chunks + [chunk]
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, top_k=0,
+           generator=None, on_forward=None):
+    """Generate a continuation of every prompt in one batch.
+
+    prompts: list of token-id lists (any lengths). max_new_tokens: an int or one per prompt.
+    stop_ids: a row ends after emitting one of these (the stop token is kept in its output).
+    temperature 0 = greedy; top_k 0 / top_p 1.0 = off. generator: a torch.Generator on the
+    model's device, for reproducible sampling.
+    Returns (tokens, logprobs): per prompt, the new token ids and, for each, its log-probability
+    under the model's own distribution (temperature 1, before top-k/top-p) -- what PPO's ratio
+    and the entropy/KL diagnostics are defined on.
+    on_forward: optional callback(seconds) per forward pass (used by benchmarks).
+    """
+    device = next(model.parameters()).device
+    n = len(prompts)
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if n == 0:
+        return [], []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if len(budgets) != n or min(budgets) < 1:
+        raise ValueError("max_new_tokens must be >= 1: one value, or one per prompt")
+    cache_kwarg = _cache_kwarg(model)
+
+    def forward(ids, mask, positions, cache):
+        start = _now() if on_forward else None
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()  # (b, V)
+        if on_forward:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            on_forward(_now() - start)
+        return logits
+
+    # Prefill, in groups of similar length; each group's keys and values are copied into the
+    # batch's cache, right-aligned like the batch's left padding.
+    width = max(len(p) for p in prompts)
+    cache = _make_cache(model, width + max(budgets))
+    logits = [None] * n
+    for chunk in _prefill_chunks(prompts):
+        ids, mask = _left_pad([prompts[i] for i in chunk], pad_id)  # (c, w)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (c, w): 0 at each row's first real token
+        chunk_cache = _make_cache(model, ids.shape[1])
+        chunk_logits = forward(ids.to(device), mask.to(device), positions.to(device), chunk_cache)
+        for layer, chunk_layer in zip(cache.layers, chunk_cache.layers):
+            layer.write_rows(chunk, chunk_layer.keys, chunk_layer.values, width, n)
+        for j, i in enumerate(chunk):
+            logits[i] = chunk_logits[j]
+    logits = torch.stack(logits)  # (B, V)
+    _, attention_mask = _left_pad(prompts, pad_id)
+    attention_mask = attention_mask.to(device)  # (B, width), grows by one column per step
+    next_position = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+
+    # Decode: one token per live row per step.
+    rows = list(range(n))  # batch row -> prompt index
+    live = torch.ones(n, dtype=torch.bool)  # per batch row: still generating
+    budget_left = torch.tensor(budgets)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    out_tokens, out_logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
+    for _ in range(max(budgets)):
+        token = _pick_tokens(logits, temperature, top_p, top_k, generator)  # (b,)
+        logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)  # (b,)
+        ended = torch.isin(token, stop)
+        token_list, logprob_list, ended_list = token.tolist(), logprob.tolist(), ended.tolist()  # one sync
+        for b, prompt_index in enumerate(rows):
+            if live[b]:
+                out_tokens[prompt_index].append(token_list[b])
+                out_logprobs[prompt_index].append(logprob_list[b])
+        budget_left -= 1
+        live &= ~torch.tensor(ended_list) & (budget_left > 0)
+        if not live.any():
+            break
+        if (~live).sum() * 4 >= len(rows):  # drop finished rows from the batch and the cache
+            keep = live.nonzero().squeeze(-1)
+            keep_device = keep.to(device)
+            cache.batch_select_indices(keep_device)
+            token, attention_mask, next_position = token[keep_device], attention_mask[keep_device], next_position[keep_device]
+            rows = [rows[i] for i in keep.tolist()]
+            live, budget_left = live[keep], budget_left[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
+        logits = forward(token[:, None], attention_mask, next_position[:, None], cache)
+        next_position = next_position + 1
+    return out_tokens, out_logprobs
+
+
+def _now():
+    import time
+    return time.perf_counter()
+
+
+# -----------------------------------------------------------------------------
+# 6. The multi-turn rollout (SPEC §3)
+#
+# Episodes are organised in groups: len(seeds) distinct puzzles, each played group_size times.
+# Every turn, the prompts of all live episodes are generated in one batch. An episode's token
+# sequence is built incrementally -- the prompt tokens, then exactly the tokens the policy
+# generated, then the next user message's tokens -- so what PPO later scores is exactly what the
+# model saw and produced (re-tokenising decoded text would not always give the same ids).
+
+@dataclass
+class Episode:
+    env_name: str
+    seed: int
+    group: int  # index of the puzzle in this rollout
+    env: object = field(repr=False)
+    messages: list = field(default_factory=list)  # the chat as text (system, user, assistant, ...)
+    tokens: list = field(default_factory=list)  # the whole conversation, one sequence
+    assistant_mask: list = field(default_factory=list)  # 1 where the policy generated the token
+    logprobs: list = field(default_factory=list)  # the sampler's log-prob per token (0.0 on prompt tokens)
+    turn_ends: list = field(default_factory=list)  # index in tokens of each turn's last generated token
+    turn_rewards: list = field(default_factory=list)  # env reward + format penalty, per turn
+    turns: list = field(default_factory=list)  # per-turn record: states, response, actions, rewards
+    score: float = 0.0  # sum of turn_rewards
+    success: bool = False
+    done: bool = False
+    end_reason: str = ""  # "env" (success, hole, action budget), "turns", "context"
+
+
+def _template_pieces(tokenizer):
+    """The text the chat template puts around messages, found by rendering placeholders:
+    (opening of the first prompt before the user content, the text after an assistant message's
+    content up to the next user content, the text after user content up to the generation)."""
+    cache = getattr(tokenizer, "_spa_template_pieces", None)
+    if cache is not None:
+        return cache
+    user, reply, user2 = "\x00U1\x00", "\x00A1\x00", "\x00U2\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
+         {"role": "assistant", "content": reply}, {"role": "user", "content": user2}],
+        tokenize=False, add_generation_prompt=True)
+    if any(text.count(s) != 1 for s in (user, reply, user2)):
+        raise ValueError("the tokenizer's chat template does not render message contents verbatim; "
+                         "SPA's incremental prompts need a ChatML-like template")
+    head, rest = text.split(user)
+    after_user, rest = rest.split(reply)
+    after_reply, after_user2 = rest.split(user2)
+    if after_user != after_user2:
+        raise ValueError("the chat template renders user turns inconsistently; cannot build prompts incrementally")
+    pieces = (head, after_reply, after_user + THINK_START)
+    tokenizer._spa_template_pieces = pieces
+    return pieces
+
+
+def _encode(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel", render="coords",
+            instruction="full", max_turns=MAX_TURNS, max_actions_per_turn=MAX_ACTIONS_PER_TURN,
+            max_response_tokens=400, max_context_tokens=3600, format_penalty=FORMAT_PENALTY,
+            env_overrides=None):
+    """Play len(seeds) x group_size episodes and return them (group-major order).
+
+    policy(prompts, episodes, budgets) -> list of (token_ids, logprobs or None): one response per
+    live episode, generated from its prompt token ids with at most budgets[i] tokens; responses
+    that stopped end with the stop token. See model_policy and text_policy.
+    """
+    if env_name not in envs.ENVS:
+        raise ValueError(f"unknown env {env_name!r}: choose one of {', '.join(envs.ENVS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    instruction_text = INSTRUCTIONS[instruction][env_name]
+    head, after_reply, after_user = _template_pieces(tokenizer)
+    stop_ids = set(stop_token_ids(tokenizer))
+    im_end_text = "<|im_end|>"
+
+    episodes = []
+    for group, seed in enumerate(seeds):
+        for _ in range(group_size):
+            env = envs.make(env_name, render_mode=render, **(env_overrides or {}))
+            env.reset(seed)
+            first = user_message(1, env.render(), env.actions_left, mode, max_response_tokens, instruction_text)
+            ep = Episode(env_name=env_name, seed=seed, group=group, env=env,
+                         messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": first}])
+            ep.tokens = _encode(tokenizer, head + first + after_user)
+            ep.assistant_mask = [0] * len(ep.tokens)
+            ep.logprobs = [0.0] * len(ep.tokens)
+            episodes.append(ep)
+
+    for turn in range(1, max_turns + 1):
+        live = []
+        for ep in episodes:
+            if ep.done:
+                continue
+            if len(ep.tokens) >= max_context_tokens:
+                ep.done, ep.end_reason = True, "context"
+                continue
+            live.append(ep)
+        if not live:
+            break
+        budgets = [min(max_response_tokens, max_context_tokens - len(ep.tokens)) for ep in live]
+        responses = policy([ep.tokens for ep in live], live, budgets)
+        for ep, (new_tokens, new_logprobs) in zip(live, responses):
+            stopped = bool(new_tokens) and new_tokens[-1] in stop_ids
+            content = tokenizer.decode(new_tokens[:-1] if stopped else new_tokens, skip_special_tokens=False)
+            response = THINK_START + content
+            ep.tokens += new_tokens
+            ep.assistant_mask += [1] * len(new_tokens)
+            ep.logprobs += list(new_logprobs) if new_logprobs is not None else [0.0] * len(new_tokens)
+            ep.turn_ends.append(len(ep.tokens) - 1)
+            ep.messages.append({"role": "assistant", "content": response})
+            _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, stopped)
+            if not ep.done and turn == max_turns:
+                ep.done, ep.end_reason = True, "turns"
+            if ep.done:
+                continue
+            # the next user message: the reward of this turn, then the next turn
+            last = ep.turns[-1]
+            message = user_message(turn + 1, ep.env.render(), ep.env.actions_left, mode, max_response_tokens,
+                                   reward=last["env_reward"])
+            ep.messages.append({"role": "user", "content": message})
+            # after a stopped response the template's "<|im_end|>" is already in the tokens
+            joiner = after_reply[len(im_end_text):] if stopped and after_reply.startswith(im_end_text) else after_reply
+            increment = _encode(tokenizer, joiner + message + after_user)
+            ep.tokens += increment
+            ep.assistant_mask += [0] * len(increment)
+            ep.logprobs += [0.0] * len(increment)
+    return episodes
+
+
+def _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, stopped):
+    """Parse one response, run its actions in the env and record the turn."""
+    env = ep.env
+    parsed = parse_response(response, mode, max_actions_per_turn)
+    record = {"turn": turn, "state_before": env.render("grid"), "coords_before": env.render("coords"),
+              "actions_left_before": env.actions_left, "response": response, "stopped": stopped,
+              "format_valid": parsed["format_valid"], "observation": parsed["observation"],
+              "prediction": parsed["prediction"], "actions": parsed["actions"], "executed": [],
+              "invalid_actions": [], "env_reward": 0.0}
+    for action in parsed["actions"]:
+        if env.done:
+            break  # the episode ended mid-turn (success, a hole, or the action budget)
+        _, reward, done, info = env.step(action)
+        record["env_reward"] += reward
+        (record["executed"] if info["action_is_valid"] else record["invalid_actions"]).append(action)
+        if info["success"]:
+            ep.success = True
+    penalty = format_penalty if (not parsed["format_valid"] or record["invalid_actions"]) else 0.0
+    record.update(penalty=penalty, reward=record["env_reward"] + penalty, state_after=env.render("grid"),
+                  coords_after=env.render("coords"), done=env.done)
+    ep.turns.append(record)
+    ep.turn_rewards.append(record["reward"])
+    ep.score += record["reward"]
+    if env.done:
+        ep.done, ep.end_reason = True, "env"
+
+
+def random_actions(env, rng, max_actions=MAX_ACTIONS_PER_TURN):
+    """1..max_actions uniformly random actions the env's grammar accepts (Sudoku: a random digit
+    in a random empty cell, which the rules may still reject)."""
+    if isinstance(env, envs.Sudoku):
+        cells = env.render("grid").split()
+        empty = [i for i, v in enumerate(cells) if v == "."] or list(range(16))
+        choose = lambda: (lambda i: f"{i // 4 + 1},{i % 4 + 1},{rng.randint(1, 4)}")(rng.choice(empty))  # noqa: E731
+    else:
+        choose = lambda: rng.choice(env.ACTIONS)  # noqa: E731
+    return [choose() for _ in range(rng.randint(1, max_actions))]
+
+
+def random_response(ep, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
+    """The response the random-action behaviour policy writes (SPEC §4): the format with random
+    actions. In world-model mode it writes the current state as both observation and prediction;
+    self-play SFT replaces both with the truth before training on them."""
+    answer = f" {ACTION_SEPARATOR} ".join(random_actions(ep.env, rng, max_actions))
+    if mode == "base":
+        return f" I will try this. </think> <answer> {answer} </answer>"
+    return (f" <observation> {ep.env.render('coords')} </observation> I will try this. "
+            f"<prediction> {ep.env.render('grid')} </prediction> </think> <answer> {answer} </answer>")
+
+
+def random_policy(tokenizer, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
+    """The random-action behaviour policy, for self-play with a model that cannot write the
+    format yet, and as evaluation's chance baseline."""
+    return text_policy(tokenizer, lambda ep: random_response(ep, rng, mode, max_actions))
+
+
+def model_policy(model, tokenizer, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_forward=None):
+    """The policy that samples from a model with our KV-cache sampler."""
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+    def policy(prompts, episodes, budgets):
+        tokens, logprobs = sample(model, prompts, budgets, stops, pad, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, generator=generator, on_forward=on_forward)
+        return list(zip(tokens, logprobs))
+    return policy
+
+
+def text_policy(tokenizer, respond):
+    """A scripted policy: respond(episode) -> the response text after <think> (tests, reference
+    policies). The text is tokenised, cut to the budget, and closed with <|im_end|>."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def policy(prompts, episodes, budgets):
+        out = []
+        for ep, budget in zip(episodes, budgets):
+            tokens = (_encode(tokenizer, respond(ep)) + [im_end])[:budget]
+            out.append((tokens, None))
+        return out
+    return policy

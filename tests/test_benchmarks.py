@@ -7,9 +7,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_benchmark(name):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, check=True)
+def run_benchmark(name, *args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -20,3 +21,17 @@ def test_bench_envs_figures():
     hist = result["sokoban_optimal_len_hist"]
     assert list(hist) == [str(k) for k in range(1, 11)] and sum(hist.values()) > 0
     assert 0 < result["frozenlake_oracle_turn_success_mean"] <= result["frozenlake_oracle_closed_loop_success_mean"] <= 1
+
+
+def test_bench_generate_figures():
+    result = run_benchmark("bench_generate.py", "--batch", "6", "--new-tokens", "12", "--repeats", "1")
+    assert result["greedy_match"] is True
+    assert result["ours_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0 and result["speedup"] > 0
+
+
+def test_bench_rollout_figures():
+    result = run_benchmark("bench_rollout.py", "--env-groups", "2", "--group-size", "2", "--max-response-tokens", "16")
+    assert result["episodes"] == 4 and result["episodes_per_s"] > 0
+    assert 0 <= result["outside_model_share"] < 1
+    for name in ("sokoban", "frozenlake", "sudoku"):
+        assert 0 < result[f"tokens_per_turn_{name}"] < 400

@@ -1,0 +1,153 @@
+"""
+Our KV-cache sampler against Hugging Face `model.generate` on the same prompts and token budget
+(SPEC §9).
+
+    python benchmarks/bench_generate.py            # CPU: the tiny preset, fp32, batch 64
+    python benchmarks/bench_generate.py --batch 16 --new-tokens 64
+
+On CPU the model is the tiny preset (freshly built). On CUDA it is additionally a randomly
+initialised Qwen2.5-1.5B-shaped model in bf16, and the JSON gains `decode_ms_per_step` and
+`bandwidth_fraction`: the decode step's time against the time needed just to read every weight
+once at the GPU's memory bandwidth (SPEC §7), the floor for a memory-bound step.
+
+Both samplers run greedy (so their outputs can be compared token for token) on the same prompts
+-- real turn-3 conversations of the three envs, of different lengths, left-padded -- with the
+same token budget and stop tokens; tokens/s counts the tokens each returns. (On CUDA the
+1.5B-shaped model runs without stop tokens, so every row costs the full budget.)
+Targets: CPU `speedup` >= 1.2 at batch 64 and `greedy_match` true; CUDA bandwidth_fraction >= 0.5.
+Progress goes to stderr; the last stdout line is one JSON object.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import agent  # noqa: E402
+import envs  # noqa: E402
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def conversation_prompts(tokenizer, batch, instruction, turn=3):
+    """Realistic prompts: the conversations of all three envs as they stand before `turn`, played
+    by the random-action policy in world-model mode (prompt lengths vary with env and history)."""
+    prompts, seed = [], 0
+    while len(prompts) < batch:
+        recorded = []
+
+        def recording_policy(ps, episodes, budgets, inner=agent.random_policy(tokenizer, random.Random(seed), "worldmodel")):
+            recorded.append(list(ps))
+            return inner(ps, episodes, budgets)
+        agent.rollout(recording_policy, tokenizer, envs.ENVS[seed % 3], list(range(seed * 8, seed * 8 + 8)), 1,
+                      instruction=instruction, max_turns=turn, max_response_tokens=128)
+        prompts += recorded[-1]
+        seed += 1
+    return prompts[:batch]
+
+
+def hf_generate(model, prompts, new_tokens, stop_ids, pad_id):
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    model.generation_config.eos_token_id = list(stop_ids) or None  # no stop tokens: run to the budget
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=pad_id)
+    rows = []
+    for row in out[:, width:].tolist():  # HF pads a row after its stop token; cut there
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def compare(model, prompts, new_tokens, stop_ids, pad_id, device, repeats):
+    """Greedy, the same budget and stop tokens; tokens/s counts the tokens each actually returns."""
+    ours_fn = lambda: agent.sample(model, prompts, new_tokens, stop_ids, pad_id, temperature=0)[0]  # noqa: E731
+    hf_fn = lambda: hf_generate(model, prompts, new_tokens, stop_ids, pad_id)  # noqa: E731
+    ours_fn(), hf_fn()  # warm-up
+    ours_s, hf_s = [], []
+    for _ in range(repeats):  # interleaved, so drift on a noisy machine hits both alike
+        ours, t = timed(ours_fn, device)
+        ours_s.append(t)
+        hf, t = timed(hf_fn, device)
+        hf_s.append(t)
+    tokens = sum(map(len, ours))
+    return {"ours_tokens_per_s": round(tokens / min(ours_s), 1),
+            "hf_tokens_per_s": round(sum(map(len, hf)) / min(hf_s), 1),
+            "speedup": round(min(hf_s) / min(ours_s), 3), "greedy_match": ours == hf,
+            "generated_tokens": tokens}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64, help="prompts per batch")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (best is kept)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = agent.default_device()
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "batch": args.batch, "new_tokens": args.new_tokens}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log("building the tiny preset model ...")
+        model, tokenizer = agent.load_model(agent.build_tiny_model(os.path.join(tmp, "tiny")), device=device)
+    # A fresh model's logits are nearly flat (greedy repeats one token); a wider init gives outputs
+    # that vary by prompt and end (with <|im_end|>) after different numbers of tokens, as real ones do.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    prompts = conversation_prompts(tokenizer, args.batch, "short")
+    stops = agent.stop_token_ids(tokenizer)
+    log(f"tiny model, {device}: {args.batch} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+        f"at most {args.new_tokens} new tokens each")
+    results.update(compare(model, prompts, args.new_tokens, stops, tokenizer.pad_token_id, device, args.repeats))
+    results["prompt_tokens_mean"] = round(sum(map(len, prompts)) / len(prompts), 1)
+    log(json.dumps(results))
+
+    if device.type == "cuda":
+        log("Qwen2.5-1.5B-shaped random-init model, bf16 ...")
+        big = agent.random_model("qwen2.5-1.5b", device=device, dtype=torch.bfloat16)
+        big_prompts = [[t % big.config.vocab_size for t in p] for p in
+                       conversation_prompts(tokenizer, args.batch, "full")]
+        big_results = compare(big, big_prompts, args.new_tokens, [], 0, device, args.repeats)
+        # decode time per step: our sampler with a long and a short budget; the difference is
+        # (long - short) decode steps, which cancels the prefill
+        times = {}
+        for n in (8, 8 + args.new_tokens):
+            _, times[n] = timed(lambda: agent.sample(big, big_prompts, n, stop_ids=[], pad_id=0, temperature=0), device)
+        step_s = (times[8 + args.new_tokens] - times[8]) / args.new_tokens
+        weight_bytes = sum(p.numel() * p.element_size() for p in big.parameters())
+        bandwidth = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+        peak = next((v for k, v in bandwidth.items() if k in results["device"]), 3.35e12)
+        results.update({f"qwen1.5b_{k}": v for k, v in big_results.items()})
+        results["decode_ms_per_step"] = round(step_s * 1000, 3)
+        results["bandwidth_fraction"] = round(weight_bytes / peak / step_s, 3)
+        results["peak_bandwidth_assumed_tb_s"] = peak / 1e12
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Loading checkpoints, the tiny preset (tokenizer + model), random-init real shapes, saving."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import agent
+import envs
+
+
+def test_tiny_preset_is_a_small_qwen2_that_reloads_identically(tiny_dir, tiny):
+    model, tokenizer = tiny
+    assert model.config.model_type == "qwen2" and not model.training
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1e6 < n_params < 5e6
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "run_config.json"):
+        assert os.path.isfile(os.path.join(tiny_dir, name))
+    again, tokenizer2 = agent.load_model(tiny_dir, device="cpu")
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    text = agent.prompt_text(tokenizer, [{"role": "system", "content": agent.SYSTEM_PROMPT},
+                                         {"role": "user", "content": "Turn 1:\nState:\n#_P#"}])
+    assert tokenizer.encode(text) == tokenizer2.encode(text)
+
+
+def test_tiny_preset_build_is_deterministic(tmp_path, tiny_dir):
+    other = agent.build_tiny_model(str(tmp_path / "again"), seed=0)
+    for name in ("tokenizer.json", "config.json"):
+        with open(os.path.join(tiny_dir, name)) as f, open(os.path.join(other, name)) as g:
+            assert f.read() == g.read(), name
+    a, _ = agent.load_model(tiny_dir, device="cpu")
+    b, _ = agent.load_model(other, device="cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_tiny_tokenizer_units(tiny):
+    """Every grid cell, every coordinate and every tag is one token; the fixed sentences are few."""
+    _, tokenizer = tiny
+
+    def pieces(text):
+        return [tokenizer.decode([t]) for t in tokenizer.encode(text, add_special_tokens=False)]
+
+    for name in envs.ENVS:
+        env = envs.make(name)
+        for seed in range(20):
+            env.reset(seed)
+            grid = env.render("grid")
+            expected = []  # per line: each cell (Sudoku: with its leading space) or run of wall; then "\n"
+            for i, line in enumerate(grid.split("\n")):
+                expected += (["\n"] if i else []) + re.findall(r" ?[^ ]" if name == "sudoku" else r"#+|.", line)
+            assert pieces(grid) == expected, (name, grid)
+            sentence = env.render("coords").split("\n")[-1]
+            for coordinate in re.findall(r"\(\d+,\d+\)", sentence):
+                assert coordinate in pieces(sentence)
+    for tag in agent.TAGS:
+        assert pieces(tag) == [tag]
+    fixed = agent.turn_text(1, "", 10, "worldmodel", 128).replace("Turn 1:\nState:\n\n", "")
+    assert len(pieces(fixed)) <= 25  # the whole format instruction
+    for name in envs.ENVS:
+        assert len(pieces(agent.INSTRUCTIONS["short"][name])) <= 12
+
+
+def test_tiny_tokenizer_round_trips_any_text(tiny):
+    _, tokenizer = tiny
+    for text in ["Player (P) is at (2,3); box (X) is at (1,1).", "ünïcödé ✓ 上 \x00 \t tabs", "#__√S#\n1 . 3 4",
+                 "<think> <answer> Up || 1,2,3 </answer>", ""]:
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_load_errors_are_clear(tmp_path, tiny_dir):
+    with pytest.raises(agent.ModelLoadError, match="no such folder"):
+        agent.load_model(str(tmp_path / "missing"))
+    with pytest.raises(agent.ModelLoadError, match="Hugging Face Hub could not provide it"):
+        agent.load_model("Qwen/Qwen2.5-1.5B-Instruct")  # tests run with HF_HUB_OFFLINE=1
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, corrupt)
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(agent.ModelLoadError, match="corrupt"):
+        agent.load_model(str(corrupt))
+    no_template = tmp_path / "no_template"
+    shutil.copytree(tiny_dir, no_template)
+    os.remove(no_template / "chat_template.jinja")
+    config_path = no_template / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(agent.ModelLoadError, match="chat template"):
+        agent.load_model(str(no_template))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(agent.ModelLoadError, match="cannot load"):
+        agent.load_model(str(empty))
+
+
+def test_random_models_have_the_real_shapes():
+    for arch, billions in (("qwen2.5-0.5b", 0.494), ("qwen2.5-1.5b", 1.544)):
+        model = agent.random_model(arch, device="meta")  # shapes only, no memory
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n / 1e9 - billions) < 0.001, (arch, n)
+        assert model.config.num_key_value_heads == 2 and model.config.vocab_size == 151936
+        assert model.config.tie_word_embeddings
+    with pytest.raises(ValueError, match="unknown architecture"):
+        agent.random_model("gpt-5")
+
+
+def test_save_checkpoint_is_atomic_and_replaces(tmp_path, tiny):
+    model, tokenizer = tiny
+    out = tmp_path / "ckpt"
+    agent.save_checkpoint(model, tokenizer, str(out), run_config={"step": 1})
+    agent.save_checkpoint(model, tokenizer, str(out), run_config={"step": 2})
+    assert json.loads((out / "run_config.json").read_text()) == {"step": 2}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary or old folders left behind
+
+    class Exploding(torch.nn.Module):
+        def save_pretrained(self, path, **kwargs):
+            open(os.path.join(path, "partial"), "w").close()
+            raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        agent.save_checkpoint(Exploding(), tokenizer, str(out))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert json.loads((out / "run_config.json").read_text()) == {"step": 2}  # the old one is intact

@@ -1,0 +1,263 @@
+"""Prompts, response parsing and the multi-turn rollout (SPEC §3), with scripted policies."""
+import random
+
+import pytest
+import torch
+
+import agent
+import envs
+
+FORMAT_WM = ("<think> <observation> [current state] </observation> [Your thoughts] <prediction> [next state]"
+             "</prediction> </think> <answer> [your answer] </answer>")
+
+
+def scripted(tokenizer, responses):
+    """A policy that answers turn t of every episode with responses[t - 1]."""
+    return agent.text_policy(tokenizer, lambda ep: responses[len(ep.turns)])
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+def test_prompts_for_a_hand_written_history_character_for_character(tiny):
+    _, tokenizer = tiny
+    responses = [" <observation> P__ </observation> right <prediction> _P_ </prediction> </think> "
+                 "<answer> Right </answer>",
+                 " <observation> _P_ </observation> on <prediction> __√ </prediction> </think> "
+                 "<answer> Right || Down || Down </answer>"]
+    (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [0], 1, mode="worldmodel",
+                          render="coords", instruction="short", max_response_tokens=128,
+                          env_overrides={"desc": ["P__", "_O_", "__G"], "slippery": False})
+    expected = (
+        "<|im_start|>system\nYou're a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n"
+        "FrozenLake: reach the goal G, avoid holes O; the ice may slip you sideways. _ ice, P you, X you in a "
+        "hole, √ you on G. (row,col) from 0. Actions Left Down Right Up, e.g. <answer>Down || Right</answer>\n"
+        "Turn 1:\nState:\nP__\n_O_\n__G\nPlayer (0,0); hole at (1,1); goal at (2,2).\n"
+        f"You have 10 actions left. Always output: {FORMAT_WM} with no extra text. Strictly follow this format. "
+        "Max response length: 128 words (tokens).<|im_end|>\n"
+        "<|im_start|>assistant\n<think>" + responses[0] + "<|im_end|>\n"
+        "<|im_start|>user\nReward:\n0\n"
+        "Turn 2:\nState:\n_P_\n_O_\n__G\nPlayer (0,1); hole at (1,1); goal at (2,2).\n"
+        f"You have 9 actions left. Always output: {FORMAT_WM} with no extra text. Strictly follow this format. "
+        "Max response length: 128 words (tokens).<|im_end|>\n"
+        "<|im_start|>assistant\n<think>" + responses[1] + "<|im_end|>")
+    assert tokenizer.decode(ep.tokens) == expected
+    # the chat template renders the same conversation from the messages
+    assert tokenizer.apply_chat_template(ep.messages, tokenize=False) == expected + "\n"
+    # and the prompt of turn 2 is exactly what prompt_text builds from the history
+    turn2_prompt = agent.prompt_text(tokenizer, ep.messages[:4])
+    assert expected.startswith(turn2_prompt) and turn2_prompt.endswith("<|im_start|>assistant\n<think>")
+    assert ep.success and ep.score == pytest.approx(1.0) and ep.end_reason == "env"
+    assert [t["executed"] for t in ep.turns] == [["Right"], ["Right", "Down", "Down"]]
+
+
+def test_base_mode_turn_text_and_reward_formatting():
+    text = agent.user_message(3, "P_\n_G", 7, "base", 400, reward=-0.30000000000000004)
+    assert text == ("Reward:\n-0.3\nTurn 3:\nState:\nP_\n_G\nYou have 7 actions left. Always output: <think> "
+                    "[Your thoughts] </think> <answer> [your answer] </answer> with no extra text. Strictly "
+                    "follow this format. Max response length: 400 words (tokens).")
+    assert [agent.format_reward(r) for r in (-0.0, 0.0, 1.0, 10.9, -1.1, 0.1 + 0.2)] == ["0", "0", "1", "10.9", "-1.1", "0.3"]
+
+
+def test_instructions_name_every_symbol_and_action_of_their_env():
+    for style in ("full", "short"):
+        for name in ("sokoban", "frozenlake"):
+            text = agent.INSTRUCTIONS[style][name]
+            symbols = envs.make(name).SYMBOLS.values()
+            assert all(s in text for s in symbols), (style, name)
+            assert all(a in text for a in envs.make(name).ACTIONS), (style, name)
+        assert "<answer>" in agent.INSTRUCTIONS[style]["sudoku"] and "row,col" in agent.INSTRUCTIONS[style]["sudoku"]
+
+
+# -----------------------------------------------------------------------------
+# parsing
+
+WM_OK = "<think> <observation> P_ </observation> hm <prediction> _P </prediction> </think> <answer> Right </answer>"
+
+
+@pytest.mark.parametrize("response, mode, valid, actions", [
+    (WM_OK, "worldmodel", True, ["Right"]),
+    (WM_OK, "base", True, ["Right"]),  # base mode does not forbid state spans
+    ("<think> go </think> <answer> Up || Left </answer>", "base", True, ["Up", "Left"]),
+    ("<think> go </think> <answer> Up || Left </answer>", "worldmodel", False, []),  # no states
+    ("  <think>\ngo\n</think>\n<answer>Up</answer>\n ", "base", True, ["Up"]),  # whitespace around is fine
+    ("<think> go </think> <answer> a||b||c||d||e||f </answer>", "base", True, ["a", "b", "c", "d", "e"]),
+    ("<think> go </think> <answer> Up", "base", False, []),  # truncated
+    ("<think> go </think>", "base", False, []),  # missing answer
+    ("<think> go </think> <answer>  </answer>", "base", False, []),  # empty answer
+    ("<think> go </think> <answer> Up </answer> and more", "base", False, []),  # extra text
+    ("<think> go </think> <answer> Up </answer><answer> Down </answer>", "base", False, []),  # duplicated
+    ("<think> a <think> b </think> </think> <answer> Up </answer>", "base", False, []),  # nested think
+    ("<think> go </think> <answer> <answer> Up </answer> </answer>", "base", False, []),  # nested answer
+    ("<think> <prediction> x </prediction> <observation> y </observation> </think> <answer> Up </answer>",
+     "worldmodel", False, []),  # wrong order
+    ("<think> <observation> a </observation> <observation> b </observation> <prediction> c </prediction> "
+     "</think> <answer> Up </answer>", "worldmodel", False, []),  # duplicated observation
+    ("<think> <observation> a </observation> <prediction> c </think> <answer> Up </answer>",
+     "worldmodel", False, []),  # unclosed prediction
+    ("<think> 思考 ✓ </think> <answer> 上 || Ｕｐ </answer>", "base", True, ["上", "Ｕｐ"]),  # non-ASCII
+    ("", "base", False, []),
+    ("no tags at all", "worldmodel", False, []),
+])
+def test_parse_response(response, mode, valid, actions):
+    parsed = agent.parse_response(response, mode)
+    assert parsed["format_valid"] == valid
+    assert parsed["actions"] == actions
+
+
+def test_parse_response_spans_and_junk():
+    parsed = agent.parse_response(WM_OK, "worldmodel")
+    assert (parsed["observation"], parsed["prediction"], parsed["answer"]) == ("P_", "_P", "Right")
+    for junk in (None, 7, b"<think></think>"):
+        assert agent.parse_response(junk, "base")["format_valid"] is False
+    rng = random.Random(0)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "<observation>", "</observation>",
+              "<prediction>", "</prediction>", "Up", "||", " ", "\n", "é", "\x00"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        parsed = agent.parse_response(text, rng.choice(agent.MODES))
+        assert len(parsed["actions"]) <= 5 and (parsed["format_valid"] or parsed["actions"] == [])
+
+
+# -----------------------------------------------------------------------------
+# the rollout's rules, with scripted policies
+
+def answer(*actions):
+    return f" go </think> <answer> {' || '.join(actions)} </answer>"
+
+
+def test_rollout_action_cap_budget_and_turn_limit(tiny):
+    _, tokenizer = tiny
+    room = "#######\n#P____#\n#___XO#\n#######"
+    # turn 1: 7 actions, only 5 kept; turn 2: 5 more uses the whole 10-action budget mid-turn 3? no:
+    # 5 + 5 = 10 actions, so the episode ends after turn 2 with the budget spent.
+    responses = [answer("Left", "Up", "Up", "Left", "Up", "Right", "Right"), answer(*["Up"] * 5), answer("Down")]
+    (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "sokoban", [0], 1, mode="base",
+                          render="grid", env_overrides={"room": room})
+    assert [t["executed"] for t in ep.turns] == [["Left", "Up", "Up", "Left", "Up"], ["Up"] * 5]
+    assert ep.env.actions_left == 0 and ep.end_reason == "env" and not ep.success
+    assert ep.turn_rewards == pytest.approx([-0.5, -0.5]) and ep.score == pytest.approx(-1.0)
+    # 4 + 3 + 5: the third turn runs only the 3 actions the budget still allows
+    responses = [answer(*["Up"] * 4), answer(*["Up"] * 3), answer(*["Up"] * 5)]
+    (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "sokoban", [0], 1, mode="base",
+                          render="grid", env_overrides={"room": room})
+    assert [len(t["executed"]) for t in ep.turns] == [4, 3, 3] and ep.env.actions_left == 0
+    # the turn limit: 5 turns of one wall-bump each, then the episode ends
+    (ep,) = agent.rollout(scripted(tokenizer, [answer("Up")] * 6), tokenizer, "sokoban", [0], 1, mode="base",
+                          render="grid", env_overrides={"room": room})
+    assert len(ep.turns) == 5 and ep.end_reason == "turns" and ep.env.actions_left == 5
+    (ep,) = agent.rollout(scripted(tokenizer, [answer("Up")] * 6), tokenizer, "sokoban", [0], 1, mode="base",
+                          render="grid", max_turns=2, env_overrides={"room": room})
+    assert len(ep.turns) == 2 and ep.end_reason == "turns"
+
+
+def test_rollout_success_ends_mid_turn_and_rewards(tiny):
+    _, tokenizer = tiny
+    room = "######\n#P_XO#\n#____#\n######"
+    (ep,) = agent.rollout(scripted(tokenizer, [answer("Right", "Right", "Left", "Left")]), tokenizer, "sokoban",
+                          [0], 1, mode="base", render="grid", env_overrides={"room": room})
+    assert ep.success and ep.end_reason == "env" and ep.turns[0]["executed"] == ["Right", "Right"]
+    assert ep.score == pytest.approx(-0.2 + 1 + 10)
+    assert ep.turns[0]["state_before"] == "######\n#P_XO#\n#____#\n######"
+    assert ep.turns[0]["state_after"] == "######\n#__P√#\n#____#\n######"
+
+
+def test_rollout_format_penalty(tiny):
+    _, tokenizer = tiny
+    room = "######\n#P_XO#\n#____#\n######"
+    responses = [" no answer here </think>",  # missing answer: penalty, nothing runs
+                 answer("Down", "Jump", "Up"),  # an action the env rejects: penalty, the valid ones run
+                 " <observation> x </observation> <prediction> y </prediction> </think> <answer> Down </answer>"]
+    (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "sokoban", [0], 1, mode="base",
+                          render="grid", max_turns=3, env_overrides={"room": room})
+    t1, t2, t3 = ep.turns
+    assert not t1["format_valid"] and t1["executed"] == [] and t1["reward"] == pytest.approx(-0.1)
+    assert t2["format_valid"] and t2["executed"] == ["Down", "Up"] and t2["invalid_actions"] == ["Jump"]
+    assert t2["reward"] == pytest.approx(-0.2 - 0.1)
+    assert t3["format_valid"] and t3["penalty"] == 0.0  # base mode tolerates state spans
+    assert ep.score == pytest.approx(sum(ep.turn_rewards)) and ep.score == pytest.approx(-0.1 - 0.3 - 0.1)
+    # world-model mode requires the observation and prediction
+    (ep,) = agent.rollout(scripted(tokenizer, [answer("Down")]), tokenizer, "sokoban", [0], 1, mode="worldmodel",
+                          render="grid", max_turns=1, env_overrides={"room": room})
+    assert not ep.turns[0]["format_valid"] and ep.turns[0]["executed"] == [] and ep.score == pytest.approx(-0.1)
+
+
+def test_rollout_tokens_masks_and_truncated_responses(tiny):
+    _, tokenizer = tiny
+    long = answer("Up") + " and then a very long ramble" * 40
+    responses = [answer("Down"), long, answer("Up")]
+    episodes = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [3, 4], 2, mode="base",
+                             render="grid", max_response_tokens=30, max_turns=3,
+                             env_overrides={"desc": ["P___", "____", "____", "___G"], "slippery": False})
+    assert [ep.group for ep in episodes] == [0, 0, 1, 1] and [ep.seed for ep in episodes] == [3, 3, 4, 4]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for ep in episodes:
+        assert len(ep.tokens) == len(ep.assistant_mask) == len(ep.logprobs)
+        assert len(ep.turn_ends) == len(ep.turns) == 3
+        # the generated spans are exactly the responses; turn_ends point at each span's last token
+        spans, current = [], []
+        for i, (token, m) in enumerate(zip(ep.tokens, ep.assistant_mask)):
+            if m:
+                current.append(token)
+                if i + 1 == len(ep.tokens) or not ep.assistant_mask[i + 1]:
+                    spans.append((i, current))
+                    current = []
+        assert [end for end, _ in spans] == ep.turn_ends
+        assert spans[0][1][-1] == im_end and len(spans[1][1]) == 30 and spans[1][1][-1] != im_end
+        # cut at the budget: not stopped, and the text after </answer> makes it format-invalid
+        assert not ep.turns[1]["stopped"] and not ep.turns[1]["format_valid"]
+        # the template's <|im_end|> still closes the truncated message, as a prompt token
+        assert ep.tokens[ep.turn_ends[1] + 1] == im_end and ep.assistant_mask[ep.turn_ends[1] + 1] == 0
+        assert tokenizer.apply_chat_template(ep.messages, tokenize=False) == tokenizer.decode(ep.tokens) + "\n"
+
+
+def test_rollout_context_limit(tiny):
+    _, tokenizer = tiny
+    responses = [answer("Down") + " padding" * 30] * 5
+    episodes = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1, mode="base",
+                             render="grid", instruction="short", max_context_tokens=260, max_response_tokens=100,
+                             env_overrides={"desc": ["P___", "____", "____", "___G"], "slippery": False})
+    (ep,) = episodes
+    assert ep.end_reason == "context" and len(ep.turns) < 5
+    starts = [i for i in range(len(ep.tokens)) if ep.assistant_mask[i] and not ep.assistant_mask[i - 1]]
+    for start, end in zip(starts, ep.turn_ends):
+        assert start < 260 and end + 1 - start <= min(100, 260 - start)  # the budget shrinks near the limit
+    assert len(ep.tokens) >= 260
+
+
+def test_rollout_with_the_model_is_reproducible(tiny):
+    model, tokenizer = tiny
+
+    def run(seed):
+        policy = agent.model_policy(model, tokenizer, generator=torch.Generator().manual_seed(seed))
+        return agent.rollout(policy, tokenizer, "sokoban", [10, 11], 2, instruction="short", max_turns=2,
+                             max_response_tokens=12)
+    a, b, c = run(0), run(0), run(1)
+    assert [ep.tokens for ep in a] == [ep.tokens for ep in b]
+    assert [ep.logprobs for ep in a] == [ep.logprobs for ep in b]
+    assert [ep.tokens for ep in a] != [ep.tokens for ep in c]
+    for ep in a:
+        assert all(lp < 0 for lp, m in zip(ep.logprobs, ep.assistant_mask) if m)
+        assert ep.score == pytest.approx(sum(ep.turn_rewards))
+
+
+def test_random_policy_plays_every_env(tiny):
+    _, tokenizer = tiny
+    for name in envs.ENVS:
+        episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(0), "worldmodel"), tokenizer, name,
+                                 [0, 1], 2, instruction="short", max_response_tokens=200)
+        assert len(episodes) == 4
+        for ep in episodes:
+            assert ep.done and all(t["format_valid"] for t in ep.turns)
+            assert all(1 <= len(t["actions"]) <= 5 for t in ep.turns)
+            assert all(t["observation"] == t["coords_before"] for t in ep.turns)
+
+
+def test_rollout_rejects_bad_arguments(tiny):
+    _, tokenizer = tiny
+    policy = scripted(tokenizer, [answer("Up")])
+    with pytest.raises(ValueError, match="unknown env"):
+        agent.rollout(policy, tokenizer, "chess", [0], 1)
+    with pytest.raises(ValueError, match="unknown mode"):
+        agent.rollout(policy, tokenizer, "sokoban", [0], 1, mode="wm")

@@ -1,0 +1,126 @@
+"""The hand-written KV-cache sampler against transformers' own generation and a full forward pass."""
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+import agent
+
+
+def hf_greedy(model, prompts, new_tokens, stop_ids, pad_id):
+    """model.generate on a left-padded batch; each row cut after its first stop token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
+    rows = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def varied_model(tiny_dir):
+    """A fresh copy of the tiny model with wider weights: a freshly initialised model's logits are
+    nearly flat and greedy decoding repeats one token, which would make the comparison vacuous."""
+    model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    return model, tokenizer
+
+
+def gqa_model():
+    """A random-init Qwen2 with grouped-query attention (4 query heads share 1 key/value head)."""
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                         initializer_range=0.15, tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(2)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def random_prompts(n, vocab, lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.choice(lengths))] for _ in range(n)]
+
+
+def test_greedy_matches_generate_tiny_model(tiny_dir, monkeypatch):
+    model, tokenizer = varied_model(tiny_dir)
+    stops = agent.stop_token_ids(tokenizer)
+    prompts = random_prompts(12, len(tokenizer), [3, 17, 40, 64, 90])
+    monkeypatch.setattr(agent, "PREFILL_TOKENS", 150)  # several prefill groups, not one
+    ours, _ = agent.sample(model, prompts, 40, stops, tokenizer.pad_token_id, temperature=0)
+    theirs = hf_greedy(model, prompts, 40, stops, tokenizer.pad_token_id)
+    assert ours == theirs
+    assert len({tuple(o[:5]) for o in ours}) > 6, "outputs should differ between prompts"
+
+
+def test_greedy_matches_generate_gqa_model_with_rows_stopping_at_different_times(monkeypatch):
+    model = gqa_model()
+    prompts = random_prompts(10, 300, [5, 12, 33, 50])
+    free, _ = agent.sample(model, prompts, 30, [], 0, temperature=0)
+    # stop on tokens that the rows emit at different steps, so rows finish early and are dropped
+    stops = sorted({row[k] for k, row in zip((3, 8, 15, 22), free)})
+    monkeypatch.setattr(agent, "PREFILL_TOKENS", 100)
+    ours, _ = agent.sample(model, prompts, 30, stops, 0, temperature=0)
+    theirs = hf_greedy(model, prompts, 30, stops, 0)
+    assert ours == theirs
+    lengths = [len(o) for o in ours]
+    assert min(lengths) < 30 and max(lengths) == 30 and len(set(lengths)) > 2
+
+
+def test_sampled_logprobs_match_a_full_forward(tiny_dir):
+    model, tokenizer = varied_model(tiny_dir)
+    prompts = random_prompts(6, len(tokenizer), [4, 20, 45])
+    for kwargs in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}):
+        generator = torch.Generator().manual_seed(0)
+        tokens, logprobs = agent.sample(model, prompts, 25, agent.stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                                        generator=generator, **kwargs)
+        for prompt, new, lps in zip(prompts, tokens, logprobs):
+            assert len(new) == len(lps) > 0
+            sequence = torch.tensor([prompt + new])
+            with torch.no_grad():
+                logits = model(sequence).logits[0, len(prompt) - 1:-1].float()  # (n, V): predicts each new token
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(lps), expected, atol=1e-4)
+
+
+def test_sampling_is_reproducible_and_respects_budgets(tiny_dir):
+    model, tokenizer = varied_model(tiny_dir)
+    prompts = random_prompts(5, len(tokenizer), [6, 30])
+    runs = [agent.sample(model, prompts, [3, 10, 1, 7, 20], [], tokenizer.pad_token_id,
+                         generator=torch.Generator().manual_seed(7))[0] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert [len(r) for r in runs[0]] == [3, 10, 1, 7, 20]
+    other = agent.sample(model, prompts, [3, 10, 1, 7, 20], [], tokenizer.pad_token_id,
+                         generator=torch.Generator().manual_seed(8))[0]
+    assert other != runs[0]
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_top_token(tiny_dir):
+    model, tokenizer = varied_model(tiny_dir)
+    prompts = random_prompts(4, len(tokenizer), [8, 25])
+    greedy, _ = agent.sample(model, prompts, 12, [], tokenizer.pad_token_id, temperature=0)
+    top1, _ = agent.sample(model, prompts, 12, [], tokenizer.pad_token_id, top_k=1,
+                           generator=torch.Generator().manual_seed(0))
+    nucleus, _ = agent.sample(model, prompts, 12, [], tokenizer.pad_token_id, top_p=1e-6,
+                              generator=torch.Generator().manual_seed(0))
+    assert greedy == top1 == nucleus
+
+
+def test_sampler_rejects_bad_arguments(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="at least one token"):
+        agent.sample(model, [[1, 2], []], 4, [], 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        agent.sample(model, [[1, 2]], 0, [], 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        agent.sample(model, [[1, 2], [3]], [4], [], 0)
+    assert agent.sample(model, [], 4, [], 0) == ([], [])
