@@ -16,7 +16,6 @@ stage-specific.
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -128,12 +127,10 @@ def prompt_text(tokenizer, messages):
 #   <think> ... </think> <answer> ... </answer>
 # with nothing but whitespace around, no tag nested or repeated inside a span, at least one
 # action in the answer, and -- in world-model mode -- <observation>...</observation> followed by
-# <prediction>...</prediction> inside the think span.
-
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_RESPONSE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_WORLD_MODEL = re.compile(r"(.*?)<observation>(.*?)</observation>(.*?)<prediction>(.*?)</prediction>(.*)",
-                          re.DOTALL)
+# <prediction>...</prediction> inside the think span (each state tag exactly once).
+#
+# Plain string search, not regular expressions with lazy groups: a model can write any junk, and
+# nested lazy groups backtrack for minutes on a few kilobytes of repeated tags.
 
 
 def split_actions(answer, max_actions=MAX_ACTIONS_PER_TURN):
@@ -151,8 +148,18 @@ def parse_actions(response, max_actions=MAX_ACTIONS_PER_TURN):
     """
     if not isinstance(response, str):
         return []
-    match = _ANSWER.search(response)
-    return split_actions(match.group(1), max_actions) if match else []
+    start = response.find("<answer>")
+    end = response.find("</answer>", start + len("<answer>")) if start >= 0 else -1
+    return split_actions(response[start + len("<answer>"):end], max_actions) if end >= 0 else []
+
+
+def _only_span(text, open_tag, close_tag):
+    """(start, end) of the text inside open_tag ... close_tag when each tag occurs exactly once,
+    in that order; None otherwise."""
+    if text.count(open_tag) != 1 or text.count(close_tag) != 1:
+        return None
+    start, end = text.index(open_tag) + len(open_tag), text.index(close_tag)
+    return (start, end) if start <= end else None
 
 
 def parse_response(response, mode, max_actions=MAX_ACTIONS_PER_TURN):
@@ -163,24 +170,25 @@ def parse_response(response, mode, max_actions=MAX_ACTIONS_PER_TURN):
     """
     parsed = {"format_valid": False, "actions": [], "think": None, "answer": None,
               "observation": None, "prediction": None}
-    match = _RESPONSE.fullmatch(response) if isinstance(response, str) else None
-    if match is None:
+    text = response.strip() if isinstance(response, str) else ""
+    think, answer = _only_span(text, "<think>", "</think>"), _only_span(text, "<answer>", "</answer>")
+    if think is None or answer is None:
         return parsed
-    think, answer = match.groups()
-    parsed["think"], parsed["answer"] = think.strip(), answer.strip()
-    if any(tag in think or tag in answer for tag in ("<think>", "</think>", "<answer>", "</answer>")):
-        return parsed  # nested or repeated
-    valid = True
-    world = _WORLD_MODEL.fullmatch(think)
-    if world is not None:
-        parsed["observation"], parsed["prediction"] = world.group(2).strip(), world.group(4).strip()
-        state_tags = ("<observation>", "</observation>", "<prediction>", "</prediction>")
-        valid = not any(tag in span for span in world.groups() for tag in state_tags)
-    if mode == "worldmodel" and world is None:
-        valid = False
-    actions = split_actions(answer, max_actions)
-    parsed["format_valid"] = valid and bool(actions)
-    parsed["actions"] = actions if parsed["format_valid"] else []
+    between = text[think[1] + len("</think>"):answer[0] - len("<answer>")]
+    if not (text.startswith("<think>") and text.endswith("</answer>")) or think[1] > answer[0] or between.strip():
+        return parsed
+    think_text, answer_text = text[think[0]:think[1]], text[answer[0]:answer[1]]
+    parsed["think"], parsed["answer"] = think_text.strip(), answer_text.strip()
+    observation = _only_span(think_text, "<observation>", "</observation>")
+    prediction = _only_span(think_text, "<prediction>", "</prediction>")
+    has_states = observation is not None and prediction is not None and observation[1] < prediction[0]
+    if has_states:
+        parsed["observation"] = think_text[observation[0]:observation[1]].strip()
+        parsed["prediction"] = think_text[prediction[0]:prediction[1]].strip()
+    actions = split_actions(answer_text, max_actions)
+    valid = bool(actions) and not any(tag in answer_text for tag in TAGS) and (has_states or mode == "base")
+    parsed["format_valid"] = valid
+    parsed["actions"] = actions if valid else []
     return parsed
 
 
@@ -547,7 +555,7 @@ def _pick_tokens(logits, temperature, top_p, top_k, generator):
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward pass
 
 
-def _left_pad(prompts, pad_id):
+def left_pad(prompts, pad_id):
     """(ids, mask), both (len(prompts), longest): prompts right-aligned, pads on the left."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -612,7 +620,7 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     cache = _make_cache(model, width + max(budgets))
     logits = [None] * n
     for chunk in _prefill_chunks(prompts):
-        ids, mask = _left_pad([prompts[i] for i in chunk], pad_id)  # (c, w)
+        ids, mask = left_pad([prompts[i] for i in chunk], pad_id)  # (c, w)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (c, w): 0 at each row's first real token
         chunk_cache = _make_cache(model, ids.shape[1])
         chunk_logits = forward(ids.to(device), mask.to(device), positions.to(device), chunk_cache)
@@ -621,7 +629,7 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         for j, i in enumerate(chunk):
             logits[i] = chunk_logits[j]
     logits = torch.stack(logits)  # (B, V)
-    _, attention_mask = _left_pad(prompts, pad_id)
+    _, attention_mask = left_pad(prompts, pad_id)
     attention_mask = attention_mask.to(device)  # (B, width), grows by one column per step
     next_position = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
 

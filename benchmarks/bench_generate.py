@@ -55,12 +55,8 @@ def conversation_prompts(tokenizer, batch, instruction, turn=3):
 
 def hf_generate(model, prompts, new_tokens, stop_ids, pad_id):
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = agent.left_pad(prompts, pad_id)
+    width = ids.shape[1]
     model.generation_config.eos_token_id = list(stop_ids) or None  # no stop tokens: run to the budget
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=pad_id)

@@ -97,6 +97,9 @@ WM_OK = "<think> <observation> P_ </observation> hm <prediction> _P </prediction
     ("<think> <observation> a </observation> <prediction> c </think> <answer> Up </answer>",
      "worldmodel", False, []),  # unclosed prediction
     ("<think> 思考 ✓ </think> <answer> 上 || Ｕｐ </answer>", "base", True, ["上", "Ｕｐ"]),  # non-ASCII
+    ("<think> go </think> <answer> Up <prediction> x </prediction> </answer>", "base", False, []),  # tag in answer
+    ("<think> go </think> x <answer> Up </answer>", "base", False, []),  # text between think and answer
+    ("<answer> Up </answer> <think> go </think>", "base", False, []),  # swapped
     ("", "base", False, []),
     ("no tags at all", "worldmodel", False, []),
 ])
@@ -104,6 +107,19 @@ def test_parse_response(response, mode, valid, actions):
     parsed = agent.parse_response(response, mode)
     assert parsed["format_valid"] == valid
     assert parsed["actions"] == actions
+
+
+def test_parse_time_is_linear_on_adversarial_junk():
+    """Repeated tags once made a regex backtrack for minutes; 2 s is a bound against that, not a
+    performance target (it takes milliseconds)."""
+    import time
+    for text in ("<think>" + "<observation> a </observation> <prediction> b " * 3000 + "</think><answer>Up</answer>",
+                 "<think>" + "<observation>" * 3000 + "</observation>" * 3000 + "<prediction>" * 3000,
+                 "<think></think><answer>" * 5000, "<answer>" * 20000):
+        start = time.perf_counter()
+        assert agent.parse_response(text, "worldmodel")["format_valid"] is False
+        agent.parse_actions(text)
+        assert time.perf_counter() - start < 2.0
 
 
 def test_parse_response_spans_and_junk():

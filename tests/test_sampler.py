@@ -10,12 +10,8 @@ import agent
 
 def hf_greedy(model, prompts, new_tokens, stop_ids, pad_id):
     """model.generate on a left-padded batch; each row cut after its first stop token."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = agent.left_pad(prompts, pad_id)
+    width = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                          eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
     rows = []
