@@ -786,7 +786,8 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
                 ep.done, ep.end_reason = True, "turns"
             if ep.done:
                 continue
-            # the next user message: the reward of this turn, then the next turn
+            # the next user message: this turn's reward from the env (the format penalty is a
+            # training signal, not something the env said), then the next turn
             last = ep.turns[-1]
             message = user_message(turn + 1, ep.env.render(), ep.env.actions_left, mode, max_response_tokens,
                                    reward=last["env_reward"])
@@ -812,7 +813,7 @@ def _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, s
     for action in parsed["actions"]:
         if env.done:
             break  # the episode ended mid-turn (success, a hole, or the action budget)
-        _, reward, done, info = env.step(action)
+        _, reward, _, info = env.step(action)
         record["env_reward"] += reward
         (record["executed"] if info["action_is_valid"] else record["invalid_actions"]).append(action)
         if info["success"]:
@@ -830,13 +831,12 @@ def _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, s
 def random_actions(env, rng, max_actions=MAX_ACTIONS_PER_TURN):
     """1..max_actions uniformly random actions the env's grammar accepts (Sudoku: a random digit
     in a random empty cell, which the rules may still reject)."""
-    if isinstance(env, envs.Sudoku):
-        cells = env.render("grid").split()
-        empty = [i for i, v in enumerate(cells) if v == "."] or list(range(16))
-        choose = lambda: (lambda i: f"{i // 4 + 1},{i % 4 + 1},{rng.randint(1, 4)}")(rng.choice(empty))  # noqa: E731
-    else:
-        choose = lambda: rng.choice(env.ACTIONS)  # noqa: E731
-    return [choose() for _ in range(rng.randint(1, max_actions))]
+    n = rng.randint(1, max_actions)
+    if not isinstance(env, envs.Sudoku):
+        return [rng.choice(env.ACTIONS) for _ in range(n)]
+    empty = [i for i, v in enumerate(env.render("grid").split()) if v == "."] or list(range(16))
+    cells = [rng.choice(empty) for _ in range(n)]
+    return [f"{i // 4 + 1},{i % 4 + 1},{rng.randint(1, 4)}" for i in cells]
 
 
 def random_response(ep, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
