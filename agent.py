@@ -329,7 +329,8 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
 #  - every grid cell is its own token (so predicting the next grid is copying cells and editing
 #    a few, position by position) -- a pre-tokenizer isolates the cells of grid lines; only runs of
 #    wall, which never change, are merged (a Sokoban border row is one token);
-#  - every coordinate "(r,c)" is one token;
+#  - every coordinate "(r,c)", every move and every Sudoku move "r,c,v" is one token (and no
+#    sequence of moves merges into one);
 #  - the format tags are single tokens;
 #  - everything else is ordinary byte-level BPE over the real prompts, so the fixed instruction
 #    and format sentences, repeated in every prompt, collapse into a handful of tokens.
@@ -343,8 +344,10 @@ _GRID_SYMBOLS = "#_OXPSG√"
 _PRETOKEN_PATTERN = (
     rf"(?:^|(?<=[{_GRID_SYMBOLS}]))(?:#+|[{_GRID_SYMBOLS}])(?=[{_GRID_SYMBOLS}]*$)"  # a cell (or run of wall) of a grid line
     r"|(?:^|(?<=[1-4.]) )[1-4.](?=(?: [1-4.])*$)"  # a cell of a Sudoku line, with its leading space
-    r"|\(\d+,\d+\)")  # a coordinate
-TINY_VOCAB_SIZE = 1024
+    r"|\(\d+,\d+\)"  # a coordinate
+    r"|\d,\d,\d"  # a Sudoku move
+    r"| ?\b(?:Up|Down|Left|Right)\b")  # a move, so that no sequence of moves merges into one token
+TINY_VOCAB_SIZE = 2048
 TINY_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10_000.0,
                   rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -352,39 +355,30 @@ TINY_MAX_RESPONSE_TOKENS = 128
 
 
 def tokenizer_corpus(seed=0, episodes_per_env=300):
-    """Text the tiny tokenizer learns from: random play in every env, mode and rendering, written
-    as full chat transcripts with world-model and base responses."""
+    """Text the tiny tokenizer learns from: random play in every env, mode and rendering, as full
+    ChatML transcripts whose world-model responses carry the true states (as after self-play SFT's
+    rewriting)."""
     rng = random.Random(seed)
     texts = []
     for env_name in envs.ENVS:
         for i in range(episodes_per_env):
-            mode = MODES[i % 2]
+            mode, render = MODES[i % 2], ("coords" if i % 4 < 2 else "grid")
             instruction = INSTRUCTIONS["short" if i % 3 else "full"][env_name]
-            env = envs.make(env_name)
+            env = envs.make(env_name, render_mode=render)
             env.reset(rng.randrange(1_000_000))
-            actions = (env.ACTIONS if env_name != "sudoku" else
-                       [f"{r},{c},{v}" for r in range(1, 5) for c in range(1, 5) for v in range(1, 5)])
             parts = [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"]
             reward = None
             for turn in range(1, MAX_TURNS + 1):
-                render = "coords" if i % 4 < 2 else "grid"
-                state = env.render(render)
-                parts.append(user_message(turn, state, env.actions_left, mode, rng.choice((128, 400)),
+                parts.append(user_message(turn, env.render(), env.actions_left, mode, rng.choice((128, 400)),
                                           instruction if turn == 1 else None, reward))
-                parts.append("<|im_end|>\n<|im_start|>assistant\n")
-                chosen = [rng.choice(actions) for _ in range(rng.randint(1, MAX_ACTIONS_PER_TURN))]
-                coords_before = env.render("coords")
-                reward = 0.0
-                for a in chosen:
+                response = random_response(env, rng, mode)
+                observation, reward = env.render("coords"), 0.0
+                for action in parse_actions(response):
                     if not env.done:
-                        reward += env.step(a)[1]
-                answer = f" {ACTION_SEPARATOR} ".join(chosen)
+                        reward += env.step(action)[1]
                 if mode == "worldmodel":
-                    parts.append(f"<think> <observation> {coords_before} </observation> I will move. "
-                                 f"<prediction> {env.render('grid')} </prediction> </think> "
-                                 f"<answer> {answer} </answer><|im_end|>\n")
-                else:
-                    parts.append(f"<think> I will move. </think> <answer> {answer} </answer><|im_end|>\n")
+                    response = replace_states(response, observation, env.render("grid"))
+                parts.append(f"<|im_end|>\n<|im_start|>assistant\n{THINK_START}{response}<|im_end|>\n")
                 if env.done:
                     break
                 parts.append("<|im_start|>user\n")
@@ -839,21 +833,37 @@ def random_actions(env, rng, max_actions=MAX_ACTIONS_PER_TURN):
     return [f"{i // 4 + 1},{i % 4 + 1},{rng.randint(1, 4)}" for i in cells]
 
 
-def random_response(ep, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
-    """The response the random-action behaviour policy writes (SPEC §4): the format with random
-    actions. In world-model mode it writes the current state as both observation and prediction;
-    self-play SFT replaces both with the truth before training on them."""
-    answer = f" {ACTION_SEPARATOR} ".join(random_actions(ep.env, rng, max_actions))
+def replace_states(response, observation, prediction):
+    """The response with the contents of its (only) <observation> and <prediction> spans replaced
+    by the given states, each on lines of its own. This is the layout the world model learns to
+    write: a grid that starts on a fresh line tokenises cell by cell from its first row."""
+    spans = [_only_span(response, "<observation>", "</observation>"),
+             _only_span(response, "<prediction>", "</prediction>")]
+    if None in spans or spans[0][1] > spans[1][0]:
+        raise ValueError("replace_states needs one <observation> span followed by one <prediction> span")
+    (o_start, o_end), (p_start, p_end) = spans
+    return (response[:o_start] + f"\n{observation}\n" + response[o_end:p_start] + f"\n{prediction}\n"
+            + response[p_end:])
+
+
+def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
+    """What the random-action behaviour policy writes (SPEC §4): the format with random actions,
+    stated as its plan in the thoughts before the prediction, so that the prediction is a function
+    of the state and the plan (a transition model can learn it; it cannot learn to guess actions
+    it only sees afterwards). In world-model mode it writes the current state as both observation
+    and prediction; self-play SFT replaces both with the truth before training on them."""
+    answer = f" {ACTION_SEPARATOR} ".join(random_actions(env, rng, max_actions))
+    # compact: no spaces between tags (every tag is a token of its own, and so is every space)
     if mode == "base":
-        return f" I will try this. </think> <answer> {answer} </answer>"
-    return (f" <observation> {ep.env.render('coords')} </observation> I will try this. "
-            f"<prediction> {ep.env.render('grid')} </prediction> </think> <answer> {answer} </answer>")
+        return f"I will try {answer}.</think><answer>{answer}</answer>"
+    return replace_states(f"<observation></observation>I will try {answer}.<prediction></prediction></think>"
+                          f"<answer>{answer}</answer>", env.render("coords"), env.render("grid"))
 
 
 def random_policy(tokenizer, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
     """The random-action behaviour policy, for self-play with a model that cannot write the
     format yet, and as evaluation's chance baseline."""
-    return text_policy(tokenizer, lambda ep: random_response(ep, rng, mode, max_actions))
+    return text_policy(tokenizer, lambda ep: random_response(ep.env, rng, mode, max_actions))
 
 
 def model_policy(model, tokenizer, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_forward=None):

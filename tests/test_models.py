@@ -58,10 +58,15 @@ def test_tiny_tokenizer_units(tiny):
                 assert coordinate in pieces(sentence)
     for tag in agent.TAGS:
         assert pieces(tag) == [tag]
+    for r, c, v in ((1, 1, 1), (2, 4, 3), (4, 4, 4)):  # every Sudoku move is one token
+        assert pieces(f"I will try {r},{c},{v} || 1,2,3.") [1:4] == [f"{r},{c},{v}", " || ", "1,2,3"]
+    # moves never merge with each other, so a plan reads the same wherever it appears
+    assert pieces("<answer>Down || Left || Down</answer>") == ["<answer>", "Down", " ||", " Left", " ||", " Down",
+                                                             "</answer>"]
     fixed = agent.turn_text(1, "", 10, "worldmodel", 128).replace("Turn 1:\nState:\n\n", "")
     assert len(pieces(fixed)) <= 25  # the whole format instruction
     for name in envs.ENVS:
-        assert len(pieces(agent.INSTRUCTIONS["short"][name])) <= 12
+        assert len(pieces(agent.INSTRUCTIONS["short"][name])) <= 16  # moves stay separate tokens
 
 
 def test_tiny_tokenizer_round_trips_any_text(tiny):
