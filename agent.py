@@ -679,6 +679,7 @@ class Episode:
     seed: int
     group: int  # index of the puzzle in this rollout
     env: object = field(repr=False)
+    env_overrides: dict = field(default_factory=dict)  # as passed to envs.make (with the render mode)
     messages: list = field(default_factory=list)  # the chat as text (system, user, assistant, ...)
     tokens: list = field(default_factory=list)  # the whole conversation, one sequence
     assistant_mask: list = field(default_factory=list)  # 1 where the policy generated the token
@@ -746,7 +747,7 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
             env = envs.make(env_name, render_mode=render, **(env_overrides or {}))
             env.reset(seed)
             first = user_message(1, env.render(), env.actions_left, mode, max_response_tokens, instruction_text)
-            ep = Episode(env_name=env_name, seed=seed, group=group, env=env,
+            ep = Episode(env_name=env_name, seed=seed, group=group, env=env, env_overrides=dict(env_overrides or {}),
                          messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": first}])
             ep.tokens = _encode(tokenizer, head + first + after_user)
             ep.assistant_mask = [0] * len(ep.tokens)

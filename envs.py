@@ -31,6 +31,7 @@ plays every puzzle `group_size` times (SPEC §3): only the first reset of a seed
 Hand-written puzzles for tests and demos: `make("sokoban", room=...)`, `make("frozenlake",
 desc=...)`, `make("sudoku", puzzle=...)`.
 """
+import copy
 import functools
 import random
 import re
@@ -504,10 +505,7 @@ class FrozenLake:
         _check_reset(self)
         mode = self.render_mode if mode is None else _check_render_mode(mode)
         n, p = self.size, self._player
-        cells = ["O" if i in self._holes else "_" for i in range(n * n)]
-        cells[self._goal] = "G"
-        cells[p] = "X" if p in self._holes else ("√" if p == self._goal else "P")
-        grid = "\n".join("".join(cells[i:i + n]) for i in range(0, n * n, n))
+        grid = self._grid_with_player_at(p)
         if mode == "grid":
             return grid
         holes = [divmod(h, n) for h in sorted(self._holes)]
@@ -515,6 +513,13 @@ class FrozenLake:
                       ("hole at " if len(holes) == 1 else "holes at ") + _join_positions(holes))
         return (grid + "\n" + f"Player ({p // n},{p % n}); {holes_text}; "
                 f"goal at ({self._goal // n},{self._goal % n}).")
+
+    def _grid_with_player_at(self, p):
+        n = self.size
+        cells = ["O" if i in self._holes else "_" for i in range(n * n)]
+        cells[self._goal] = "G"
+        cells[p] = "X" if p in self._holes else ("√" if p == self._goal else "P")
+        return "\n".join("".join(cells[i:i + n]) for i in range(0, n * n, n))
 
     # -- the exact model, for evaluation ------------------------------------------------------
 
@@ -823,3 +828,23 @@ class Sudoku:
         if not solutions:
             return None
         return [f"{i // 4 + 1},{i % 4 + 1},{solutions[0][i]}" for i in range(16) if not self._grid[i]]
+
+
+# -----------------------------------------------------------------------------
+# For evaluating world models
+
+def next_grid_distribution(env, actions):
+    """{grid render: probability} of the state after playing `actions` from the env's current
+    state exactly as step() would (unknown actions skipped; play stops when the episode ends).
+    One outcome for the deterministic envs; for slippery FrozenLake the exact distribution. The
+    env itself is not changed. A world model's prediction of that grid is right with the returned
+    probability, and no predictor does better than the largest one."""
+    if isinstance(env, FrozenLake) and env.slippery:
+        n = env.size
+        return {env._grid_with_player_at(r * n + c): p for (r, c), p in env.outcome_distribution(actions).items()}
+    sim = copy.deepcopy(env)
+    for action in actions:
+        if sim.done:
+            break
+        sim.step(action)
+    return {sim.render("grid"): 1.0}

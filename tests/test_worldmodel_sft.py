@@ -1,0 +1,232 @@
+"""Self-play world-model SFT: state substitution, loss masks, training, resume, bad input."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import agent
+import envs
+import worldmodel_sft as sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wm(plan, answer=None, observation="x", prediction="y"):
+    """A world-model response (after <think>) with placeholder states and a plan."""
+    return (f"<observation>{observation}</observation>I will try {plan}.<prediction>{prediction}</prediction>"
+            f"</think><answer>{answer or plan}</answer>")
+
+
+def play(tokenizer, env_name, responses, env_overrides, group_size=1, seeds=(0,), **kwargs):
+    policy = agent.text_policy(tokenizer, lambda ep: responses[len(ep.turns)])
+    return agent.rollout(policy, tokenizer, env_name, list(seeds), group_size, mode="worldmodel", render="coords",
+                         instruction="short", env_overrides=env_overrides, **kwargs)
+
+
+def states(response):
+    parsed = agent.parse_response(agent.THINK_START + response, "worldmodel")
+    return parsed["observation"], parsed["prediction"]
+
+
+# -----------------------------------------------------------------------------
+# substitution
+
+def test_substitution_multi_action_turns_and_mid_turn_end(tiny):
+    _, tokenizer = tiny
+    room = "######\n#P_XO#\n#____#\n######"
+    responses = [wm("Down || Right"),  # two moves
+                 wm("Up || Right || Down || Left")]  # the box lands on the target at the 2nd move; the rest never runs
+    (ep,) = play(tokenizer, "sokoban", responses, {"room": room})
+    assert ep.success and [t["executed"] for t in ep.turns] == [["Down", "Right"], ["Up", "Right"]]
+    examples = sft.examples_from_episodes([ep])
+    assert [ex["turn"] for ex in examples] == [1, 2]
+    env = envs.make("sokoban", room=room)
+    env.reset(0)
+    for ex, turn in zip(examples, ep.turns):
+        observation, prediction = states(ex["response"])
+        assert observation == env.render("coords") == ex["observation"]
+        for action in turn["executed"]:
+            env.step(action)
+        assert prediction == env.render("grid") == ex["prediction"]
+    assert examples[1]["prediction"] == "######\n#__P√#\n#____#\n######"  # the state when the episode ended
+    # the states stand on lines of their own; the thoughts and the answer are kept as written
+    assert examples[0]["response"] == (
+        "<observation>\n" + room + "\nPlayer (P) is at (1,1); box (X) is at (1,3); target (O) is at (1,4).\n"
+        "</observation>I will try Down || Right.<prediction>\n######\n#__XO#\n#_P__#\n######\n</prediction>"
+        "</think><answer>Down || Right</answer>")
+
+
+def test_substitution_invalid_actions_broken_turns_and_history(tiny):
+    _, tokenizer = tiny
+    room = "#######\n#P____#\n#___XO#\n#######"
+    responses = [wm("Right || Jump || Right"),  # an action the env rejects: the state reflects the valid ones
+                 "no structure at all</think><answer>Down</answer>",  # broken: dropped, but stays in the history
+                 wm("Down")]
+    (ep,) = play(tokenizer, "sokoban", responses, {"room": room}, max_turns=3)
+    examples = sft.examples_from_episodes([ep])
+    assert [ex["turn"] for ex in examples] == [1, 3]
+    first, third = examples
+    assert first["executed"] == ["Right", "Right"] and states(first["response"])[1] == "#######\n#__P__#\n#___XO#\n#######"
+    # turn 2 ran nothing (broken format), so turn 3 starts where turn 1 ended
+    assert third["observation"].startswith("#######\n#__P__#") and third["history"] == [["Right", "Right"], []]
+    assert states(third["response"]) == (third["observation"], "#######\n#_____#\n#__PXO#\n#######")
+    # the prompt of turn 3: turn 1 rewritten with its true states, turn 2 verbatim
+    assistant = [m["content"] for m in third["messages"] if m["role"] == "assistant"]
+    assert assistant[0] == agent.THINK_START + first["response"]
+    assert assistant[1] == agent.THINK_START + responses[1]
+    assert [m["role"] for m in third["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert sft.env_at_turn(third).render("coords") == third["observation"]
+
+
+def test_heldout_split_is_by_puzzle(tiny):
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(0), "worldmodel"), tokenizer, "frozenlake",
+                             list(range(100, 110)), 3, instruction="short")
+    examples = sft.examples_from_episodes(episodes)
+    split_of_seed = {}
+    for ex in examples:
+        split_of_seed.setdefault(ex["seed"], set()).add(ex["split"])
+    assert all(len(s) == 1 for s in split_of_seed.values())
+    assert {s for (s,) in split_of_seed.values()} == {"train", "heldout"}
+    assert sorted(seed for seed, (s,) in split_of_seed.items() if s == "heldout") == [104, 109]
+
+
+# -----------------------------------------------------------------------------
+# loss masks, checked by decoding the tokens that carry loss
+
+def test_loss_masks_cover_exactly_the_intended_tokens(tiny):
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(1), "worldmodel"), tokenizer, "sokoban",
+                             [5, 6], 2, instruction="short")
+    examples = sft.examples_from_episodes(episodes)
+    assert examples
+    for ex in examples[:6]:
+        response = ex["response"]
+        o_start, o_end = response.index("<observation>") + 13, response.index("</observation>")
+        p_start, p_end = response.index("<prediction>") + 12, response.index("</prediction>")
+        expected = {"all": response + "<|im_end|>",
+                    "states": response[o_start:o_end] + response[p_start:p_end],
+                    "no-states": response[:o_start] + response[o_end:p_start] + response[p_end:] + "<|im_end|>"}
+        for spans, text in expected.items():
+            ids, labels = sft.encode_example(tokenizer, ex, spans)
+            assert len(ids) == len(labels)
+            assert tokenizer.decode([t for t in labels if t != -100]) == text, spans
+            # loss tokens never include the prompt
+            n_prompt = len(tokenizer.encode(agent.prompt_text(tokenizer, ex["messages"]), add_special_tokens=False))
+            assert all(t == -100 for t in labels[:n_prompt])
+
+
+def test_length_buckets_and_micro_batches():
+    rng = random.Random(0)
+    lengths = [rng.randint(50, 600) for _ in range(1000)]
+    batches = sft.length_bucketed_batches(lengths, 16, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / padded < 0.05  # bucketing keeps padding small
+    assert batches != sft.length_bucketed_batches(lengths, 16, random.Random(2))
+    assert batches == sft.length_bucketed_batches(lengths, 16, random.Random(1))
+    for batch in batches[:20]:
+        pieces = sft.micro_batches(batch, lengths, 2000)
+        assert sorted(i for p in pieces for i in p) == sorted(batch)
+        assert all(len(p) * max(lengths[i] for i in p) <= 2000 or len(p) == 1 for p in pieces)
+
+
+def test_learning_rate_schedule():
+    class Args:
+        lr, warmup, min_lr_ratio = 1e-3, 0.1, 0.0
+    lrs = [sft.learning_rate(s, 100, Args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-5
+
+
+def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
+    model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(2), "worldmodel"), tokenizer, "frozenlake",
+                             [1, 2], 2, instruction="short")
+    examples = sft.examples_from_episodes(episodes)[:8]
+    encoded = [sft.encode_example(tokenizer, ex, "all") for ex in examples]
+    ids, mask, labels = sft.collate(encoded, list(range(len(encoded))), tokenizer.pad_token_id, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss_sum, count = sft.token_losses(model, ids, mask, labels)
+        (loss_sum / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss_sum.item() / count.item())
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] < min(losses[:5]), losses
+
+
+# -----------------------------------------------------------------------------
+# the script: resume, bad input, the CLI
+
+SMALL = ["--env", "frozenlake", "--preset", "tiny", "--env-groups", "5", "--group-size", "2", "--batches", "1",
+         "--epochs", "2", "--batch-size", "4", "--eval-turns", "4", "--max-response-tokens", "96"]
+
+
+def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, monkeypatch):
+    straight = sft.main(SMALL + ["--out", str(tmp_path / "a")])
+    rows_a = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+
+    # the same run, interrupted after step 5 (last resumable save at step 4), then started again
+    original = sft.log_metrics
+
+    def interrupt(path, row):
+        original(path, row)
+        if row.get("step") == 5 and "train/loss" in row:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(sft, "log_metrics", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
+    monkeypatch.setattr(sft, "log_metrics", original)
+    resumed = sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
+    rows_b = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+
+    def losses(rows):  # the last logged loss of every step
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert losses(rows_b) == losses(rows_a)
+    assert [r for r in rows_b if "heldout/loss" in r] == [r for r in rows_a if "heldout/loss" in r]
+    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight == resumed
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sft.main(SMALL + ["--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.jsonl")])
+    assert "no such file" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"env": "frozenlake"}\nnot json\n')
+    with pytest.raises(SystemExit, match="lacks"):
+        sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    corrupt.write_text("{\"env\": \n")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    with pytest.raises(SystemExit, match="no such folder"):
+        sft.main(SMALL + ["--out", str(tmp_path / "z"), "--model", str(tmp_path / "no-model")])
+    run = tmp_path / "w"
+    run.mkdir()
+    (run / "train_state.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="cannot resume"):
+        sft.main(SMALL + ["--out", str(run)])
+
+
+def test_cli_help_and_a_small_run(tmp_path):
+    help_text = subprocess.run([sys.executable, "worldmodel_sft.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    assert "--loss-spans" in help_text and "--preset" in help_text
+    out = subprocess.run([sys.executable, "worldmodel_sft.py", *SMALL, "--epochs", "1", "--out", str(tmp_path / "run")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("observation_exact", "prediction_exact", "prediction_bayes", "format_valid"):
+        assert 0.0 <= summary[key] <= 1.0
+    for name in ("dataset.jsonl", "metrics.jsonl", "run_config.json", "eval.json", "train_state.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    model, tokenizer = agent.load_model(str(tmp_path / "run" / "model"))
+    assert json.loads((tmp_path / "run" / "model" / "run_config.json").read_text())["env"] == "frozenlake"
