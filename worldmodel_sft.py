@@ -41,11 +41,13 @@ PRESETS = {
     # SPEC §4, reference config: 32 groups x 8 samples per batch, several batches, lr 1e-4, batch 16, 5 epochs
     "paper": dict(model=agent.DEFAULT_MODEL, behaviour="model", env_groups=32, group_size=8, batches=3,
                   instruction="full", max_response_tokens=400, lr=1e-4, batch_size=16, epochs=5,
-                  micro_batch_tokens=16384, eval_turns=256),
-    # a laptop CPU in minutes: a fresh tiny model, the random behaviour policy, a higher lr
-    "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8, batches=2, instruction="short",
-                 max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS, lr=2e-3, batch_size=16, epochs=5,
-                 micro_batch_tokens=8192, eval_turns=200),
+                  max_train_tokens=None, micro_batch_tokens=16384, eval_turns=256),
+    # a laptop CPU in minutes: a fresh tiny model and the random behaviour policy. Self-play costs
+    # seconds, so the preset plays many episodes and trains on each about once -- repeating a
+    # small dataset made the tiny model memorise instead of learning to copy and update grids.
+    "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8, batches=12, instruction="short",
+                 max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS, lr=2e-3, batch_size=16, epochs=2,
+                 max_train_tokens=6e6, micro_batch_tokens=8192, eval_turns=200),
 }
 LOSS_SPANS = ("all", "states", "no-states")
 
@@ -70,7 +72,12 @@ def parse_args(argv=None):
     # SFT
     parser.add_argument("--loss-spans", default="all", choices=LOSS_SPANS,
                         help="response tokens that carry loss: all, only the states, or all but the states")
+    parser.add_argument("--pack", action="store_true",
+                        help="one sequence per episode, loss on all its turns (same loss, less compute; "
+                             "the tiny model learned to copy states far more slowly this way, see README)")
     parser.add_argument("--epochs", type=int, help="passes over the training turns")
+    parser.add_argument("--max-train-tokens", type=float,
+                        help="stop once this many tokens (padding included) were trained on; the schedule ends there")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step")
     parser.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward (memory)")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -117,7 +124,7 @@ def examples_from_episodes(episodes, heldout_every=5):
                 target = agent.replace_states(turn["response"][len(agent.THINK_START):], turn["coords_before"],
                                               turn["state_after"])
                 examples.append({
-                    "env": ep.env_name, "seed": ep.seed, "turn": k + 1,
+                    "env": ep.env_name, "seed": ep.seed, "sample": ep.sample, "turn": k + 1,
                     "split": "heldout" if ep.group % heldout_every == heldout_every - 1 else "train",
                     "messages": [dict(m) for m in messages], "response": target,
                     "observation": turn["coords_before"], "prediction": turn["state_after"],
@@ -134,7 +141,8 @@ def examples_from_episodes(episodes, heldout_every=5):
     return examples
 
 
-REQUIRED_KEYS = ("env", "seed", "turn", "split", "messages", "response", "observation", "prediction", "history")
+REQUIRED_KEYS = ("env", "seed", "sample", "turn", "split", "messages", "response", "observation", "prediction",
+                 "history")
 
 
 def read_dataset(path):
@@ -172,28 +180,65 @@ def write_jsonl_atomic(path, rows):
 # -----------------------------------------------------------------------------
 # Tokenisation and loss masks
 
-def encode_example(tokenizer, example, loss_spans):
-    """(input_ids, labels) for one example: the prompt (chat template, ending in <think>) then the
-    target response and <|im_end|>. labels are -100 except on the response tokens that carry loss:
-    all of them, only those inside the <observation>/<prediction> contents ("states"), or all
-    but those ("no-states"). Tokens are classified by their character offsets."""
-    prompt = agent.prompt_text(tokenizer, example["messages"])
-    target = example["response"] + "<|im_end|>"
-    encoded = tokenizer(prompt + target, add_special_tokens=False, return_offsets_mapping=True)
-    state_spans = []
-    for open_tag, close_tag in (("<observation>", "</observation>"), ("<prediction>", "</prediction>")):
-        start = target.find(open_tag)
-        end = target.find(close_tag, start)
-        if start < 0 or end < 0:
-            raise ValueError(f"example {example['env']}/{example['seed']}/turn {example['turn']} has no {open_tag} span")
-        state_spans.append((len(prompt) + start + len(open_tag), len(prompt) + end))
-    labels = []
+PROMPT, OBSERVATION, PREDICTION, OTHER = 0, 1, 2, 3  # what each token of a sequence is
+
+
+def conversations(examples):
+    """The per-turn examples grouped by episode, in turn order (--pack: one sequence each).
+
+    Training on a whole conversation with the loss on every kept turn is the sum of the per-turn
+    examples' losses -- each turn's prompt is exactly the conversation before it, and causal
+    attention sees nothing later -- but it computes each prefix once instead of once per later
+    turn (a 5-turn episode costs a third as much). The optimisation is not the same, though: the
+    steps mix whole episodes instead of turns, and on the tiny preset that learned to copy
+    states several times more slowly."""
+    episodes = {}
+    for ex in examples:
+        episodes.setdefault((ex["env"], ex["seed"], ex["sample"]), []).append(ex)
+    return [sorted(turns, key=lambda ex: ex["turn"]) for turns in episodes.values()]
+
+
+def encode_conversation(tokenizer, turns, loss_spans):
+    """(input_ids, labels, kinds) for one episode's kept turns: the last turn's prompt (the chat
+    template up to its <think>), its response and <|im_end|>; every kept turn's response sits in
+    that text. kinds tells each token apart: PROMPT (everything the model does not write, and
+    turns that were not kept), inside an <observation> or <prediction>, or OTHER response tokens
+    (tags, thoughts, answer, <|im_end|>). labels are -100 except on the response tokens that
+    carry loss: all of them, only the states ("states"), or all but the states ("no-states").
+    Tokens are classified by their character offsets."""
+    last = turns[-1]
+    text = agent.prompt_text(tokenizer, last["messages"]) + last["response"] + "<|im_end|>"
+    spans = []  # (kind, start, end) in characters; state spans come after their response span
+    for ex in turns:
+        start = len(agent.prompt_text(tokenizer, ex["messages"]))
+        target = ex["response"] + "<|im_end|>"
+        if text[start:start + len(target)] != target:
+            raise ValueError(f"{ex['env']} seed {ex['seed']} turn {ex['turn']}: the response is not where the "
+                             f"conversation of the later turns has it; the dataset is inconsistent")
+        spans.append((OTHER, start, start + len(target)))
+        for kind, open_tag, close_tag in ((OBSERVATION, "<observation>", "</observation>"),
+                                          (PREDICTION, "<prediction>", "</prediction>")):
+            open_at, close_at = target.find(open_tag), target.find(close_tag)
+            if open_at < 0 or close_at < open_at:
+                raise ValueError(f"{ex['env']} seed {ex['seed']} turn {ex['turn']}: no {open_tag} span")
+            spans.append((kind, start + open_at + len(open_tag), start + close_at))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels, kinds = [], []
     for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        in_response = start >= len(prompt)
-        in_state = any(s <= start and end <= e for s, e in state_spans) and end > start
-        carries_loss = in_response and {"all": True, "states": in_state, "no-states": not in_state}[loss_spans]
+        kind = PROMPT
+        for span_kind, s, e in spans:  # the innermost (last listed) span that holds the token wins
+            if s <= start and end <= e and end > start:
+                kind = span_kind
+        carries_loss = kind != PROMPT and {"all": True, "states": kind in (OBSERVATION, PREDICTION),
+                                          "no-states": kind == OTHER}[loss_spans]
         labels.append(token if carries_loss else -100)
-    return encoded["input_ids"], labels
+        kinds.append(kind)
+    return encoded["input_ids"], labels, kinds
+
+
+def encode_example(tokenizer, example, loss_spans):
+    """One turn on its own: its prompt, with loss on its response only (see encode_conversation)."""
+    return encode_conversation(tokenizer, [example], loss_spans)
 
 
 def length_bucketed_batches(lengths, batch_size, rng, window=50):
@@ -221,26 +266,107 @@ def micro_batches(batch, lengths, max_tokens):
 
 
 def collate(encoded, indices, pad_id, device):
-    """Right-padded (input_ids, attention_mask, labels), each (b, T)."""
+    """Right-padded (input_ids, attention_mask, labels, kinds), each (b, T); pads are PROMPT kind."""
     width = max(len(encoded[i][0]) for i in indices)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)
     labels = torch.full((len(indices), width), -100, dtype=torch.long)
+    kinds = torch.full((len(indices), width), PROMPT, dtype=torch.long)
     for row, i in enumerate(indices):
-        tokens, target = encoded[i]
+        tokens, target, kind = encoded[i]
         ids[row, :len(tokens)] = torch.tensor(tokens)
         mask[row, :len(tokens)] = 1
         labels[row, :len(target)] = torch.tensor(target)
-    return ids.to(device), mask.to(device), labels.to(device)
+        kinds[row, :len(kind)] = torch.tensor(kind)
+    return ids.to(device), mask.to(device), labels.to(device), kinds.to(device)
 
 
-def token_losses(model, ids, mask, labels):
-    """Summed cross entropy over the label tokens and their count (the next-token shift is here)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (b, T-1, V)
-    targets = labels[:, 1:]  # (b, T-1)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
-    return loss, (targets != -100).sum()
+def response_logits(model, ids, mask, kinds):
+    """Logits for the response tokens only, (n, V), with where they are: a (b, T-1) mask over the
+    next-token targets ids[:, 1:]. The prompt's logits are never computed -- with a 152k-token
+    vocabulary they would be most of the memory and time of a step."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+    where = kinds[:, 1:] != PROMPT  # (b, T-1): position t predicts token t+1
+    logits = model.get_output_embeddings()(hidden[:, :-1][where]).float()  # (n, V)
+    return logits, where
+
+
+def token_losses(model, ids, mask, labels, kinds):
+    """Summed cross entropy over the label tokens, their count, and the response logits with
+    their positions (see response_logits)."""
+    logits, where = response_logits(model, ids, mask, kinds)
+    targets = labels[:, 1:][where]  # (n,)
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum(), logits, where
+
+
+@torch.no_grad()
+def heldout_metrics(model, encoded, pad_id, device, max_tokens, autocast):
+    """Held-out loss (on the tokens that carry loss) and, with the true response as context
+    (teacher forcing), how often the model's top token is right inside the observation and the
+    prediction -- per token, and for whole states (every token right; one sequence per turn)."""
+    model.eval()
+    totals = {"loss": 0.0, "loss_tokens": 0}
+    right = {OBSERVATION: [0, 0], PREDICTION: [0, 0]}  # tokens right, tokens
+    exact = {OBSERVATION: [0, 0], PREDICTION: [0, 0]}  # states all right, states
+    lengths = [len(e[0]) for e in encoded]
+    for piece in micro_batches(range(len(encoded)), lengths, max_tokens) if encoded else []:
+        ids, mask, labels, kinds = collate(encoded, piece, pad_id, device)
+        with autocast:
+            loss, count, logits, where = token_losses(model, ids, mask, labels, kinds)
+        totals["loss"] += loss.item()
+        totals["loss_tokens"] += int(count)
+        correct = torch.zeros_like(where)  # (b, T-1): the top token is the true next token
+        correct[where] = logits.argmax(-1) == ids[:, 1:][where]
+        for kind in (OBSERVATION, PREDICTION):
+            of_kind = kinds[:, 1:] == kind  # (b, T-1)
+            right[kind][0] += int((correct & of_kind).sum())
+            right[kind][1] += int(of_kind.sum())
+            has = of_kind.any(-1)  # (b,)
+            exact[kind][0] += int(((correct | ~of_kind).all(-1) & has).sum())
+            exact[kind][1] += int(has.sum())
+    ratio = lambda pair: round(pair[0] / max(1, pair[1]), 4)  # noqa: E731
+    return {"heldout/loss": round(totals["loss"] / max(1, totals["loss_tokens"]), 5),
+            "heldout/observation_token_acc": ratio(right[OBSERVATION]),
+            "heldout/prediction_token_acc": ratio(right[PREDICTION]),
+            "heldout/observation_exact_forced": ratio(exact[OBSERVATION]),
+            "heldout/prediction_exact_forced": ratio(exact[PREDICTION])}
+
+
+def train_step(model, optimizer, encoded, batch, lengths, pad_id, device, autocast, max_tokens, grad_clip):
+    """One optimiser step on a batch of sequences, in micro-batches of at most max_tokens padded
+    tokens with gradient accumulation. The loss is the mean over the whole batch's loss tokens,
+    so each micro-batch's summed loss is divided by the batch's count, not its own.
+    Returns (mean loss, computed positions including padding, gradient norm before clipping)."""
+    model.train()
+    n_loss_tokens = max(1, sum(sum(t != -100 for t in encoded[i][1][1:]) for i in batch))
+    total_loss, computed = 0.0, 0
+    for piece in micro_batches(batch, lengths, max_tokens):
+        ids, mask, labels, kinds = collate(encoded, piece, pad_id, device)
+        with autocast:
+            loss_sum = token_losses(model, ids, mask, labels, kinds)[0]
+        (loss_sum / n_loss_tokens).backward()
+        total_loss += loss_sum.item()
+        computed += ids.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss / n_loss_tokens, computed, float(grad_norm)
+
+
+def planned_steps(lengths, args):
+    """Optimiser steps of the whole run: every batch of every epoch, or fewer where
+    --max-train-tokens runs out first (counted as padded tokens along the same batch order the
+    run will use, so the cosine schedule ends exactly where training does)."""
+    steps = tokens = 0
+    for epoch in range(args.epochs):
+        for batch in length_bucketed_batches(lengths, args.batch_size, random.Random(f"{args.seed}-{epoch}")):
+            if args.max_train_tokens is not None and tokens >= args.max_train_tokens:
+                return steps
+            tokens += sum(len(piece) * max(lengths[i] for i in piece)
+                          for piece in micro_batches(batch, lengths, args.micro_batch_tokens))
+            steps += 1
+    return steps
 
 
 def learning_rate(step, total_steps, args):
@@ -380,17 +506,17 @@ def main(argv=None):
     if not train:
         raise SystemExit("error: no training turns (every turn broke the format?)")
 
-    # 3. tokenise; drop what does not fit
-    encoded = [encode_example(tokenizer, ex, args.loss_spans) for ex in train]
-    keep = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= args.max_length]
-    encoded = [encoded[i] for i in keep]
-    lengths = [len(ids) for ids, _ in encoded]
+    # 3. tokenise: one sequence per turn, or per episode with --pack; drop what does not fit
+    sequences = conversations(train) if args.pack else [[ex] for ex in train]
+    encoded = [e for e in (encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences)
+               if len(e[0]) <= args.max_length]
+    lengths = [len(e[0]) for e in encoded]
     heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout)
                        if len(e[0]) <= args.max_length]
-    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    print(f"train: {len(encoded)} turns ({len(train) - len(encoded)} over --max-length dropped), "
-          f"{sum(lengths)} tokens; held out: {len(heldout)} turns; {total_steps} steps", flush=True)
+    total_steps = planned_steps(lengths, args)
+    print(f"train: {len(train)} turns in {len(sequences)} sequences ({len(sequences) - len(encoded)} over "
+          f"--max-length dropped), {sum(lengths)} tokens; held out: {len(heldout)} turns; {total_steps} steps",
+          flush=True)
 
     # 4. optimiser: AdamW, weight decay on matrices only (not norms and biases)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -412,32 +538,24 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=None)
     pad = tokenizer.pad_token_id
     for epoch in range(first_epoch, args.epochs):
+        if step >= total_steps:
+            break
         batches = length_bucketed_batches(lengths, args.batch_size, random.Random(f"{args.seed}-{epoch}"))
         for b, batch in enumerate(batches):
             if epoch == first_epoch and b < skip_batches:
                 continue  # done before the interruption; the order is a function of (seed, epoch)
-            model.train()
+            if step >= total_steps:  # --max-train-tokens
+                break
             start = time.perf_counter()
             lr = learning_rate(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pieces = micro_batches(batch, lengths, args.micro_batch_tokens)
-            n_loss_tokens = sum(sum(t != -100 for t in encoded[i][1][1:]) for i in batch)
-            total_loss, computed = 0.0, 0
-            for piece in pieces:  # gradient accumulation: every piece's loss is a share of the batch mean
-                ids, mask, labels = collate(encoded, piece, pad, device)
-                with autocast:
-                    loss_sum, _ = token_losses(model, ids, mask, labels)
-                (loss_sum / max(1, n_loss_tokens)).backward()
-                total_loss += loss_sum.item()
-                computed += ids.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, computed, grad_norm = train_step(model, optimizer, encoded, batch, lengths, pad, device, autocast,
+                                                   args.micro_batch_tokens, args.grad_clip)
             step += 1
             real = sum(lengths[i] for i in batch)
             elapsed = time.perf_counter() - start
-            row = {"step": step, "epoch": epoch, "train/loss": round(total_loss / max(1, n_loss_tokens), 5),
+            row = {"step": step, "epoch": epoch, "train/loss": round(loss, 5),
                    "train/lr": lr, "train/grad_norm": round(float(grad_norm), 4),
                    "train/padding_share": round(1 - real / computed, 4), "perf/tokens_per_s": round(computed / elapsed, 1)}
             log_metrics(metrics_path, row)
@@ -445,17 +563,9 @@ def main(argv=None):
             progress.set_postfix(loss=row["train/loss"], lr=f"{lr:.2e}")
             if step % args.save_every == 0:
                 save_train_state(state_path, model, optimizer, step, epoch, b + 1)
-        # held-out loss, once per epoch
-        model.eval()
-        loss_sum, count = 0.0, 0
-        heldout_lengths = [len(ids) for ids, _ in heldout_encoded]
-        with torch.no_grad(), autocast:
-            for piece in micro_batches(range(len(heldout_encoded)), heldout_lengths, args.micro_batch_tokens):
-                if piece:
-                    ids, mask, labels = collate(heldout_encoded, piece, pad, device)
-                    s, c = token_losses(model, ids, mask, labels)
-                    loss_sum, count = loss_sum + s.item(), count + int(c)
-        row = {"step": step, "epoch": epoch + 1, "heldout/loss": round(loss_sum / max(1, count), 5)}
+        # held-out loss and teacher-forced state accuracy, once per epoch (and when --max-train-tokens ends it)
+        row = {"step": step, "epoch": epoch + 1,
+               **heldout_metrics(model, heldout_encoded, pad, device, args.micro_batch_tokens, autocast)}
         log_metrics(metrics_path, row)
         tqdm.write(json.dumps(row))
         save_train_state(state_path, model, optimizer, step, epoch + 1, 0)

@@ -35,3 +35,8 @@ def test_bench_rollout_figures():
     assert 0 <= result["outside_model_share"] < 1
     for name in ("sokoban", "frozenlake", "sudoku"):
         assert 0 < result[f"tokens_per_turn_{name}"] < 400
+
+
+def test_bench_sft_figures():
+    result = run_benchmark("bench_sft.py", "--episodes", "16", "--steps", "2", "--batch-size", "4")
+    assert result["tokens_per_s"] > 0 and 0 <= result["padding_share"] < 1

@@ -270,6 +270,22 @@ def test_random_policy_plays_every_env(tiny):
             assert all(t["observation"] == t["coords_before"] for t in ep.turns)
 
 
+def test_random_actions_plan_short():
+    env = envs.make("sokoban")
+    env.reset(0)
+    rng = random.Random(0)
+    counts = [len(agent.random_actions(env, rng)) for _ in range(20_000)]
+    for n, p in ((1, 0.6), (2, 0.24), (3, 0.096)):
+        assert abs(counts.count(n) / len(counts) - p) < 0.02
+    assert max(counts) == 5 and all(a in env.ACTIONS for a in agent.random_actions(env, rng))
+    sudoku = envs.make("sudoku")
+    sudoku.reset(0)
+    empty = {(i // 4 + 1, i % 4 + 1) for i, v in enumerate(sudoku.render().split()) if v == "."}
+    for action in agent.random_actions(sudoku, rng, 5):
+        r, c, v = map(int, action.split(","))
+        assert (r, c) in empty and 1 <= v <= 4
+
+
 def test_rollout_rejects_bad_arguments(tiny):
     _, tokenizer = tiny
     policy = scripted(tokenizer, [answer("Up")])

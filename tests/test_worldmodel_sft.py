@@ -112,12 +112,49 @@ def test_loss_masks_cover_exactly_the_intended_tokens(tiny):
                     "states": response[o_start:o_end] + response[p_start:p_end],
                     "no-states": response[:o_start] + response[o_end:p_start] + response[p_end:] + "<|im_end|>"}
         for spans, text in expected.items():
-            ids, labels = sft.encode_example(tokenizer, ex, spans)
-            assert len(ids) == len(labels)
+            ids, labels, kinds = sft.encode_example(tokenizer, ex, spans)
+            assert len(ids) == len(labels) == len(kinds)
+            observation = [t for t, k in zip(ids, kinds) if k == sft.OBSERVATION]
+            prediction = [t for t, k in zip(ids, kinds) if k == sft.PREDICTION]
+            assert tokenizer.decode(observation) == response[o_start:o_end]
+            assert tokenizer.decode(prediction) == response[p_start:p_end]
             assert tokenizer.decode([t for t in labels if t != -100]) == text, spans
             # loss tokens never include the prompt
             n_prompt = len(tokenizer.encode(agent.prompt_text(tokenizer, ex["messages"]), add_special_tokens=False))
             assert all(t == -100 for t in labels[:n_prompt])
+
+
+def test_a_conversation_carries_the_loss_of_each_of_its_turns(tiny):
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(3), "worldmodel"), tokenizer, "sokoban",
+                             [7, 8], 2, instruction="short")
+    grouped = sft.conversations(sft.examples_from_episodes(episodes))
+    assert len(grouped) == 4 and max(len(turns) for turns in grouped) > 2
+    for turns in grouped:
+        assert [ex["turn"] for ex in turns] == sorted(ex["turn"] for ex in turns)
+        for spans in sft.LOSS_SPANS:
+            ids, labels, kinds = sft.encode_conversation(tokenizer, turns, spans)
+            # the loss tokens of the conversation are those of its turns taken one by one, in order
+            singles = [t for ex in turns for t in sft.encode_example(tokenizer, ex, spans)[1] if t != -100]
+            assert [t for t in labels if t != -100] == singles
+        ids, labels, kinds = sft.encode_conversation(tokenizer, turns, "all")
+        assert tokenizer.decode([t for t in labels if t != -100]) == "".join(ex["response"] + "<|im_end|>"
+                                                                              for ex in turns)
+        assert sum(1 for a, b in zip(kinds, kinds[1:]) if a != sft.OBSERVATION and b == sft.OBSERVATION) == len(turns)
+
+
+def test_response_logits_are_the_models_logits(tiny):
+    model, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(4), "worldmodel"), tokenizer,
+                             "frozenlake", [3], 2, instruction="short")
+    encoded = [sft.encode_conversation(tokenizer, turns, "all")
+               for turns in sft.conversations(sft.examples_from_episodes(episodes))]
+    ids, mask, labels, kinds = sft.collate(encoded, list(range(len(encoded))), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits, where = sft.response_logits(model, ids, mask, kinds)
+        full = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    assert torch.allclose(logits, full[where], atol=1e-5)
+    assert int(where.sum()) == sum(1 for e in encoded for k in e[2][1:] if k != sft.PROMPT)
 
 
 def test_length_buckets_and_micro_batches():
@@ -135,6 +172,15 @@ def test_length_buckets_and_micro_batches():
         assert all(len(p) * max(lengths[i] for i in p) <= 2000 or len(p) == 1 for p in pieces)
 
 
+def test_planned_steps_follow_epochs_and_the_token_budget():
+    class Args:
+        epochs, batch_size, seed, micro_batch_tokens, max_train_tokens = 2, 4, 0, 10_000, None
+    lengths = [100] * 40
+    assert sft.planned_steps(lengths, Args) == 20  # 10 batches of 4, twice
+    Args.max_train_tokens = 1000  # each batch is 400 padded tokens: the budget runs out after 3
+    assert sft.planned_steps(lengths, Args) == 3
+
+
 def test_learning_rate_schedule():
     class Args:
         lr, warmup, min_lr_ratio = 1e-3, 0.1, 0.0
@@ -149,11 +195,11 @@ def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
                              [1, 2], 2, instruction="short")
     examples = sft.examples_from_episodes(episodes)[:8]
     encoded = [sft.encode_example(tokenizer, ex, "all") for ex in examples]
-    ids, mask, labels = sft.collate(encoded, list(range(len(encoded))), tokenizer.pad_token_id, "cpu")
+    ids, mask, labels, kinds = sft.collate(encoded, list(range(len(encoded))), tokenizer.pad_token_id, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss_sum, count = sft.token_losses(model, ids, mask, labels)
+        loss_sum, count, _, _ = sft.token_losses(model, ids, mask, labels, kinds)
         (loss_sum / count).backward()
         optimizer.step()
         optimizer.zero_grad()
