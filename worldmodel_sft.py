@@ -532,7 +532,8 @@ def main(argv=None):
         step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resuming at step {step} (epoch {first_epoch}, batch {skip_batches})", flush=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
 
     # 5. train
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=None)
@@ -555,9 +556,9 @@ def main(argv=None):
             step += 1
             real = sum(lengths[i] for i in batch)
             elapsed = time.perf_counter() - start
-            row = {"step": step, "epoch": epoch, "train/loss": round(loss, 5),
-                   "train/lr": lr, "train/grad_norm": round(float(grad_norm), 4),
-                   "train/padding_share": round(1 - real / computed, 4), "perf/tokens_per_s": round(computed / elapsed, 1)}
+            row = {"step": step, "epoch": epoch, "train/loss": round(loss, 5), "train/lr": lr,
+                   "train/grad_norm": round(grad_norm, 4), "train/padding_share": round(1 - real / computed, 4),
+                   "perf/tokens_per_s": round(computed / elapsed, 1)}
             log_metrics(metrics_path, row)
             progress.update(1)
             progress.set_postfix(loss=row["train/loss"], lr=f"{lr:.2e}")

@@ -36,19 +36,24 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def recording(policy, store):
+    """The policy, also appending each batch of prompts it is given to store."""
+    def recorded(prompts, episodes, budgets):
+        store.append(list(prompts))
+        return policy(prompts, episodes, budgets)
+    return recorded
+
+
 def conversation_prompts(tokenizer, batch, instruction, turn=3):
     """Realistic prompts: the conversations of all three envs as they stand before `turn`, played
     by the random-action policy in world-model mode (prompt lengths vary with env and history)."""
     prompts, seed = [], 0
     while len(prompts) < batch:
-        recorded = []
-
-        def recording_policy(ps, episodes, budgets, inner=agent.random_policy(tokenizer, random.Random(seed), "worldmodel")):
-            recorded.append(list(ps))
-            return inner(ps, episodes, budgets)
-        agent.rollout(recording_policy, tokenizer, envs.ENVS[seed % 3], list(range(seed * 8, seed * 8 + 8)), 1,
+        seen = []
+        policy = recording(agent.random_policy(tokenizer, random.Random(seed), "worldmodel"), seen)
+        agent.rollout(policy, tokenizer, envs.ENVS[seed % 3], list(range(seed * 8, seed * 8 + 8)), 1,
                       instruction=instruction, max_turns=turn, max_response_tokens=128)
-        prompts += recorded[-1]
+        prompts += seen[-1]
         seed += 1
     return prompts[:batch]
 
@@ -133,7 +138,8 @@ def main():
         # (long - short) decode steps, which cancels the prefill
         times = {}
         for n in (8, 8 + args.new_tokens):
-            _, times[n] = timed(lambda: agent.sample(big, big_prompts, n, stop_ids=[], pad_id=0, temperature=0), device)
+            _, times[n] = timed(lambda n=n: agent.sample(big, big_prompts, n, stop_ids=[], pad_id=0, temperature=0),
+                                device)
         step_s = (times[8 + args.new_tokens] - times[8]) / args.new_tokens
         weight_bytes = sum(p.numel() * p.element_size() for p in big.parameters())
         bandwidth = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
