@@ -904,3 +904,34 @@ def text_policy(tokenizer, respond):
             out.append((tokens, None))
         return out
     return policy
+
+
+# -----------------------------------------------------------------------------
+# 7. Small pieces every training stage uses
+
+def micro_batches(batch, lengths, max_tokens):
+    """Split a batch of sequence indices into pieces of at most max_tokens padded tokens (one
+    sequence longer than that is a piece of its own), shortest sequences first so that each
+    piece holds sequences of similar length."""
+    pieces, piece = [], []
+    for i in sorted(batch, key=lambda i: lengths[i]):
+        if piece and (len(piece) + 1) * lengths[i] > max_tokens:
+            pieces.append(piece)
+            piece = []
+        piece.append(i)
+    return pieces + [piece]
+
+
+def append_jsonl(path, row):
+    """Append one JSON line (metrics: a crash loses at most the line being written)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines to a temporary file, then rename it into place."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)

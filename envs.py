@@ -23,8 +23,8 @@ changes nothing and does not use up the action budget. `step` after the episode 
 
 Besides the rules, each env carries what evaluation needs for context: Sokoban's BFS solver,
 Sudoku's solver, and for FrozenLake the exact transition model with the best achievable success
-probability (an "oracle" computed by dynamic programming) and the outcome distribution of any
-action sequence.
+probability (an "oracle" computed by dynamic programming), the random-action policy's, and the
+outcome distribution of any action sequence.
 
 Puzzle generation is a pure function of (parameters, seed) and is memoised, because a rollout
 plays every puzzle `group_size` times (SPEC §3): only the first reset of a seed pays for it.
@@ -590,6 +590,20 @@ class FrozenLake:
         length, index = int(best_len[where]), int(best_seq[where])
         return [FROZENLAKE_ACTIONS[index // 4 ** (length - 1 - i) % 4] for i in range(length)]
 
+    def random_success(self, plan_lengths, *, max_turns=5):
+        """Success probability from the start cell with the full budget of the random-action
+        policy: each turn it commits to L uniformly random actions with probability
+        plan_lengths[L - 1], at most max_turns turns and max_steps actions in all (a turn cut
+        short by the budget runs what is left). Exact: the oracle's turn recursion with the max
+        over sequences replaced by the expectation over the random plan (see _frozenlake_random_dp)."""
+        _check_reset(self)
+        probs = tuple(float(p) for p in plan_lengths)
+        if not probs or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-9:
+            raise ValueError(f"plan_lengths must be probabilities of lengths 1, 2, ... summing to 1, "
+                             f"got {plan_lengths!r}")
+        R = _frozenlake_random_dp(*self._key(), self.max_steps, max_turns, probs)
+        return float(R[max_turns, self.max_steps, self._start])
+
 
 @functools.lru_cache(maxsize=1024)
 def _frozenlake_transitions(size, holes, goal, slippery):
@@ -661,6 +675,29 @@ def _frozenlake_turn_dp(size, holes, goal, slippery, budget, max_turns, max_acti
     for table in (W, best_len, best_seq):
         table.setflags(write=False)
     return W, best_len, best_seq
+
+
+@functools.lru_cache(maxsize=1024)
+def _frozenlake_random_dp(size, holes, goal, slippery, budget, max_turns, plan_lengths):
+    """The turn recursion of _frozenlake_turn_dp for a policy that plays uniformly random actions:
+    with M = mean_a T[a] (one random action) and p_L = plan_lengths[L - 1],
+        R[t, b, s] = sum_L p_L sum_s' (M^min(L, b))[s, s'] R[t-1, b-min(L, b), s']
+    with R[0, b] = R[t, 0] = 1{goal}; terminal cells absorb, as in the env. Returns R
+    (max_turns+1, budget+1, S)."""
+    T = _frozenlake_transitions(size, holes, goal, slippery)
+    S = size * size
+    M = T.mean(axis=0)  # (S, S)
+    powers = [np.eye(S)]  # powers[k] = M^k
+    for _ in range(min(len(plan_lengths), budget)):
+        powers.append(powers[-1] @ M)
+    R = np.zeros((max_turns + 1, budget + 1, S))
+    R[:, :, goal] = 1.0
+    for t in range(1, max_turns + 1):
+        for b in range(1, budget + 1):
+            R[t, b] = sum(p * powers[min(L, b)] @ R[t - 1, b - min(L, b)]
+                          for L, p in enumerate(plan_lengths, start=1))
+    R.setflags(write=False)
+    return R
 
 
 # -----------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="HF id or folder to finetune (tiny preset: a fresh tiny model)")
     parser.add_argument("--out", required=True, help="run folder (created; an existing run there is resumed)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and the tiny model")
+    parser.add_argument("--env-overrides", type=json.loads, default={},
+                        help='JSON of envs.make overrides for self-play, e.g. \'{"slippery": false}\'')
     # self-play data
     parser.add_argument("--data", help="train on this dataset.jsonl instead of playing")
     parser.add_argument("--behaviour", choices=("model", "random"), help="who plays: the model or random actions")
@@ -98,6 +100,10 @@ def parse_args(argv=None):
         parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0 and 0 <= --warmup < 1")
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
+    try:
+        envs.make(args.env, **args.env_overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--env-overrides {json.dumps(args.env_overrides)}: {e}")
     return args
 
 
@@ -167,14 +173,6 @@ def read_dataset(path):
     if not examples:
         raise SystemExit(f"error: dataset {path!r} is empty")
     return examples
-
-
-def write_jsonl_atomic(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -254,17 +252,6 @@ def length_bucketed_batches(lengths, batch_size, rng, window=50):
     return batches
 
 
-def micro_batches(batch, lengths, max_tokens):
-    """Split a batch (sorted by length) into pieces of at most max_tokens padded tokens."""
-    pieces, piece = [], []
-    for i in sorted(batch, key=lambda i: lengths[i]):
-        if piece and (len(piece) + 1) * lengths[i] > max_tokens:
-            pieces.append(piece)
-            piece = []
-        piece.append(i)
-    return pieces + [piece]
-
-
 def collate(encoded, indices, pad_id, device):
     """Right-padded (input_ids, attention_mask, labels, kinds), each (b, T); pads are PROMPT kind."""
     width = max(len(encoded[i][0]) for i in indices)
@@ -310,7 +297,7 @@ def heldout_metrics(model, encoded, pad_id, device, max_tokens, autocast):
     right = {OBSERVATION: [0, 0], PREDICTION: [0, 0]}  # tokens right, tokens
     exact = {OBSERVATION: [0, 0], PREDICTION: [0, 0]}  # states all right, states
     lengths = [len(e[0]) for e in encoded]
-    for piece in micro_batches(range(len(encoded)), lengths, max_tokens) if encoded else []:
+    for piece in agent.micro_batches(range(len(encoded)), lengths, max_tokens) if encoded else []:
         ids, mask, labels, kinds = collate(encoded, piece, pad_id, device)
         with autocast:
             loss, count, logits, where = token_losses(model, ids, mask, labels, kinds)
@@ -341,7 +328,7 @@ def train_step(model, optimizer, encoded, batch, lengths, pad_id, device, autoca
     model.train()
     n_loss_tokens = max(1, sum(sum(t != -100 for t in encoded[i][1][1:]) for i in batch))
     total_loss, computed = 0.0, 0
-    for piece in micro_batches(batch, lengths, max_tokens):
+    for piece in agent.micro_batches(batch, lengths, max_tokens):
         ids, mask, labels, kinds = collate(encoded, piece, pad_id, device)
         with autocast:
             loss_sum = token_losses(model, ids, mask, labels, kinds)[0]
@@ -364,7 +351,7 @@ def planned_steps(lengths, args):
             if args.max_train_tokens is not None and tokens >= args.max_train_tokens:
                 return steps
             tokens += sum(len(piece) * max(lengths[i] for i in piece)
-                          for piece in micro_batches(batch, lengths, args.micro_batch_tokens))
+                          for piece in agent.micro_batches(batch, lengths, args.micro_batch_tokens))
             steps += 1
     return steps
 
@@ -452,11 +439,6 @@ def load_train_state(path):
                          f"delete it to start over") from None
 
 
-def log_metrics(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -497,9 +479,10 @@ def main(argv=None):
             first = args.train_seed_start + batch * args.env_groups
             episodes = agent.rollout(policy, tokenizer, args.env, list(range(first, first + args.env_groups)),
                                      args.group_size, mode="worldmodel", render="coords",
-                                     instruction=args.instruction, max_response_tokens=args.max_response_tokens)
+                                     instruction=args.instruction, max_response_tokens=args.max_response_tokens,
+                                     env_overrides=args.env_overrides)
             examples += examples_from_episodes(episodes)
-        write_jsonl_atomic(data_path, examples)
+        agent.write_jsonl(data_path, examples)
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
     train = [ex for ex in examples if ex["split"] == "train"]
     heldout = [ex for ex in examples if ex["split"] == "heldout"]
@@ -559,7 +542,7 @@ def main(argv=None):
             row = {"step": step, "epoch": epoch, "train/loss": round(loss, 5), "train/lr": lr,
                    "train/grad_norm": round(grad_norm, 4), "train/padding_share": round(1 - real / computed, 4),
                    "perf/tokens_per_s": round(computed / elapsed, 1)}
-            log_metrics(metrics_path, row)
+            agent.append_jsonl(metrics_path, row)
             progress.update(1)
             progress.set_postfix(loss=row["train/loss"], lr=f"{lr:.2e}")
             if step % args.save_every == 0:
@@ -567,7 +550,7 @@ def main(argv=None):
         # held-out loss and teacher-forced state accuracy, once per epoch (and when --max-train-tokens ends it)
         row = {"step": step, "epoch": epoch + 1,
                **heldout_metrics(model, heldout_encoded, pad, device, args.micro_batch_tokens, autocast)}
-        log_metrics(metrics_path, row)
+        agent.append_jsonl(metrics_path, row)
         tqdm.write(json.dumps(row))
         save_train_state(state_path, model, optimizer, step, epoch + 1, 0)
     progress.close()
@@ -583,7 +566,7 @@ def main(argv=None):
     summary.update(env=args.env, loss_spans=args.loss_spans, steps=step)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    write_jsonl_atomic(os.path.join(args.out, "eval_samples.jsonl"), records)
+    agent.write_jsonl(os.path.join(args.out, "eval_samples.jsonl"), records)
     print(json.dumps(summary), flush=True)
     return summary
 

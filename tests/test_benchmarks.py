@@ -40,3 +40,12 @@ def test_bench_rollout_figures():
 def test_bench_sft_figures():
     result = run_benchmark("bench_sft.py", "--episodes", "16", "--steps", "2", "--batch-size", "4")
     assert result["tokens_per_s"] > 0 and 0 <= result["padding_share"] < 1
+
+
+def test_bench_ppo_figures():
+    result = run_benchmark("bench_ppo.py", "--env", "frozenlake", "--env-groups", "4", "--group-size", "2",
+                           "--steps", "1", "--max-response-tokens", "16")
+    assert result["episodes"] == 8 and result["kept_episodes"] == 2  # the 25% of groups with the largest std
+    for key in ("rollout_s", "logprob_s", "update_s", "step_s", "peak_mem_gb"):
+        assert result[key] > 0
+    assert result["step_s"] >= result["rollout_s"] + result["logprob_s"] + result["update_s"] - 1e-3

@@ -167,7 +167,7 @@ def test_length_buckets_and_micro_batches():
     assert batches != sft.length_bucketed_batches(lengths, 16, random.Random(2))
     assert batches == sft.length_bucketed_batches(lengths, 16, random.Random(1))
     for batch in batches[:20]:
-        pieces = sft.micro_batches(batch, lengths, 2000)
+        pieces = agent.micro_batches(batch, lengths, 2000)
         assert sorted(i for p in pieces for i in p) == sorted(batch)
         assert all(len(p) * max(lengths[i] for i in p) <= 2000 or len(p) == 1 for p in pieces)
 
@@ -219,16 +219,16 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     rows_a = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
 
     # the same run, interrupted after step 5 (last resumable save at step 4), then started again
-    original = sft.log_metrics
+    original = agent.append_jsonl
 
     def interrupt(path, row):
         original(path, row)
         if row.get("step") == 5 and "train/loss" in row:
             raise KeyboardInterrupt
-    monkeypatch.setattr(sft, "log_metrics", interrupt)
+    monkeypatch.setattr(agent, "append_jsonl", interrupt)
     with pytest.raises(KeyboardInterrupt):
         sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
-    monkeypatch.setattr(sft, "log_metrics", original)
+    monkeypatch.setattr(agent, "append_jsonl", original)
     resumed = sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
     rows_b = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
 

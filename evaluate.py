@@ -1,0 +1,416 @@
+"""
+Stage 3 of SPA: evaluation (SPEC §6) -- Pass@k, format, world-model accuracy, side by side.
+
+Every checkpoint plays the same validation puzzles (seeds 123, 124, ...) --samples times each at
+temperature 1, and is reported next to two reference rows computed from the environments
+themselves, so a report always shows where a model sits between chance and perfect:
+  random -- the random-action policy of self-play (agent.random_policy)
+  oracle -- the optimal policy: Sokoban's BFS plan and Sudoku's solution, replanned every turn;
+            on FrozenLake the turn-structured optimum (env.oracle_actions), which sees the state
+            only between turns, like the model
+Both are played through the same rollout, prompts and parser as a model.
+
+    python evaluate.py --env frozenlake --model runs/sft-frozenlake/model --model runs/rl-frozenlake/model
+    python evaluate.py --all-envs --policy random --policy oracle           # reference rows only, no model
+    python evaluate.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --mode base --render grid
+
+Outputs in --out: report.md (one table per env), report.json (every number and the resolved
+config), episodes.jsonl (every episode: messages, per-turn states, actions, rewards). The last
+line printed is {"rows": [...]} with one row per policy and env.
+
+Definitions:
+- pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) on each puzzle's n samples with c
+  successes, averaged over puzzles (pass@1 is the mean success). pass@k_ci: a 95% percentile
+  bootstrap interval [lo, hi] over puzzles (1000 resamples, seeded by --seed).
+- format_valid: share of played turns that follow the mode's format. actions / turns / score:
+  per episode, means (actions = actions the env executed). truncated: share of turns that hit
+  the token budget before stopping.
+- observation_exact: the <observation> equals the true state before the turn (coordinates
+  rendering, the representation SFT teaches whatever --render shows). prediction_exact: the
+  probability that the state after the turn's own actions equals the <prediction> (grid) under
+  the exact model -- 0 or 1 on Sokoban and Sudoku; on slippery FrozenLake no predictor is always
+  right, so prediction_bayes gives the best possible predictor's score on the same turns. Both are
+  0 on a turn whose format is invalid. Scored over every turn in world-model mode, and over the
+  turns that carry both spans in base mode (wm_turns says how many); null when there are none.
+  These follow worldmodel_sft.evaluate_world_model. The reference policies write the true current
+  state as their observation; random predicts "nothing changes", the oracle the most likely state.
+- exact_success: the exact success probability, averaged over the puzzles, where the env can
+  compute it: FrozenLake's random and oracle rows by dynamic programming on the transition model
+  (env.random_success, env.oracle), the oracle on Sokoban and Sudoku (1.0: every puzzle's optimal
+  solution fits the budget).
+
+Beyond the paper's Pass@k (SPEC §6), and why: the reference rows and the bootstrap intervals make
+a number readable on its own (is 0.3 good? is 0.3 vs 0.35 a difference?); world-model accuracy
+is measured on the model's own rollouts, the states it meets when it plays.
+
+Things to know when reading a report:
+- FrozenLake's slips are a function of the puzzle seed and the actions, so a deterministic policy
+  plays all samples of a puzzle alike: the oracle's pass@k equals its pass@1 there.
+- Prompt settings default to what the checkpoint was trained with (its run_config.json:
+  instruction, max_response_tokens, mode, render; tiny-preset checkpoints: short instruction and
+  agent.TINY_MAX_RESPONSE_TOKENS), else the paper's (full, 400, worldmodel, coords); flags override.
+  Reference rows use the first model's settings and tokenizer (without a model: the flags, and the
+  tiny preset's tokenizer, trained in memory in under a second), with a token budget of at least
+  400 so that their responses are never cut; their outcomes depend on none of these.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import agent
+import envs
+
+KS = (1, 2, 4, 8, 16, 32, 64)  # pass@k is reported for these k up to --k
+REFERENCE_POLICIES = ("random", "oracle")
+PAPER_SETTINGS = {"instruction": "full", "max_response_tokens": 400, "mode": "worldmodel", "render": "coords"}
+TINY_SETTINGS = {"instruction": "short", "max_response_tokens": agent.TINY_MAX_RESPONSE_TOKENS,
+                 "mode": "worldmodel", "render": "coords"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to evaluate
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--env", choices=envs.ENVS, help="environment")
+    where.add_argument("--all-envs", action="store_true", help="evaluate on all three environments")
+    parser.add_argument("--model", action="append", default=[], help="checkpoint folder or HF id (repeatable)")
+    parser.add_argument("--policy", action="append", default=[], choices=REFERENCE_POLICIES,
+                        help="reference policy to report (repeatable); both are added whenever a model is evaluated")
+    parser.add_argument("--out", default="runs/eval", help="folder for report.md, report.json, episodes.jsonl")
+    # the puzzles
+    parser.add_argument("--puzzles", type=int, default=128, help="validation puzzles per env")
+    parser.add_argument("--samples", type=int, default=8, help="episodes per puzzle (n of pass@k)")
+    parser.add_argument("--k", type=int, default=8, help="largest k of pass@k (1, 2, 4, ... up to it)")
+    parser.add_argument("--val-seed-start", type=int, default=123, help="first validation puzzle seed (SPEC §3)")
+    # prompts and sampling (unset: the checkpoint's run_config.json, else the paper's settings)
+    parser.add_argument("--mode", choices=agent.MODES, help="prompt format: worldmodel or base")
+    parser.add_argument("--render", choices=envs.RENDER_MODES, help="state shown in the prompt: coords or grid")
+    parser.add_argument("--instruction", choices=tuple(agent.INSTRUCTIONS), help="wording of the env instruction")
+    parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
+    parser.add_argument("--max-context-tokens", type=int, default=3600, help="token budget per conversation")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; also the bootstrap's")
+    parser.add_argument("--batch-puzzles", type=int, default=32,
+                        help="puzzles per rollout batch (x samples episodes decode together; memory)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    args = parser.parse_args(argv)
+    if args.puzzles < 1 or args.samples < 1 or args.batch_puzzles < 1:
+        parser.error("--puzzles, --samples and --batch-puzzles must be >= 1")
+    if not 1 <= args.k <= args.samples:
+        parser.error(f"--k must be in 1..--samples ({args.samples}): pass@k needs k <= n samples")
+    if args.max_response_tokens is not None and args.max_response_tokens < 1:
+        parser.error("--max-response-tokens must be >= 1")
+    if not args.model and not args.policy:
+        parser.error("nothing to evaluate: give --model PATH and/or --policy random|oracle")
+    args.model = list(dict.fromkeys(args.model))  # each checkpoint once
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pass@k and its confidence interval
+
+def pass_at_k(n, c, k):
+    """Unbiased estimate of P(at least one of k samples succeeds) from n samples with c successes:
+    1 - C(n-c, k) / C(n, k), the chance that a random k-subset of the n holds a success."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def bootstrap_ci(per_puzzle, rng, resamples=1000, level=0.95):
+    """[lo, hi] percentile interval of the mean over puzzles, resampling puzzles with replacement."""
+    values = np.asarray(per_puzzle, dtype=float)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)  # (resamples,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+# -----------------------------------------------------------------------------
+# Reference policies and their exact values
+
+def random_plan_lengths(continue_p=agent.RANDOM_PLAN_CONTINUE, max_actions=agent.MAX_ACTIONS_PER_TURN):
+    """P(the random policy plans L actions in a turn), L = 1..max_actions, as agent.random_actions
+    draws it: one more action with probability continue_p, up to the cap."""
+    return [(1 - continue_p) * continue_p ** (L - 1) for L in range(1, max_actions)] + [continue_p ** (max_actions - 1)]
+
+
+def oracle_plan(env, turns_left):
+    """The optimal next turn from the env's current state (at most MAX_ACTIONS_PER_TURN actions)."""
+    if isinstance(env, envs.FrozenLake):
+        plan = env.oracle_actions(turns_left, max_turns=agent.MAX_TURNS,
+                                  max_actions_per_turn=agent.MAX_ACTIONS_PER_TURN)
+    else:
+        plan = env.solve()  # Sokoban: BFS from the current state; Sudoku: the remaining moves
+    if not plan:
+        raise RuntimeError(f"the oracle found no move on {type(env).__name__}: a bug in the solver or the rollout")
+    return plan[:agent.MAX_ACTIONS_PER_TURN]
+
+
+def scripted_response(env, actions, mode):
+    """A response in the mode's format that plays `actions`; in world-model mode its observation
+    is the true state and its prediction the most likely state after the actions."""
+    answer = f" {agent.ACTION_SEPARATOR} ".join(actions)
+    if mode == "base":
+        return f"I will play {answer}.</think><answer>{answer}</answer>"
+    outcomes = envs.next_grid_distribution(env, actions)
+    prediction = max(outcomes, key=outcomes.get)
+    return agent.replace_states(f"<observation></observation>I will play {answer}.<prediction></prediction>"
+                                f"</think><answer>{answer}</answer>", env.render("coords"), prediction)
+
+
+def oracle_policy(tokenizer, mode):
+    return agent.text_policy(tokenizer, lambda ep: scripted_response(
+        ep.env, oracle_plan(ep.env, agent.MAX_TURNS - len(ep.turns)), mode))
+
+
+def exact_success(env_name, policy, seeds):
+    """Mean exact success probability of a reference policy over the puzzles; None where unknown."""
+    values = []
+    for seed in seeds:
+        env = envs.make(env_name)
+        env.reset(seed)
+        if env_name == "frozenlake" and policy == "random":
+            values.append(env.random_success(random_plan_lengths(), max_turns=agent.MAX_TURNS))
+        elif env_name == "frozenlake":
+            values.append(env.oracle(max_turns=agent.MAX_TURNS,
+                                     max_actions_per_turn=agent.MAX_ACTIONS_PER_TURN)["turn_success"])
+        elif policy == "oracle":  # deterministic: success iff the optimal solution fits both budgets
+            n = len(env.solve())
+            values.append(float(n <= env.max_steps and n <= agent.MAX_TURNS * agent.MAX_ACTIONS_PER_TURN))
+        else:
+            return None
+    return round(float(np.mean(values)), 4)
+
+
+# -----------------------------------------------------------------------------
+# One row: per-puzzle successes -> pass@k; per-turn records -> format and world-model accuracy
+
+def world_model_scores(ep, mode):
+    """(observation_exact, prediction_exact, prediction_bayes) per scored turn of an episode:
+    every turn in world-model mode, the turns with both state spans in base mode. The env is
+    replayed from its seed to each turn's start (same seed and actions give the same slips)."""
+    env = envs.make(ep.env_name, **ep.env_overrides)
+    env.reset(ep.seed)
+    scores = []
+    for turn in ep.turns:
+        if env.render("coords") != turn["coords_before"]:
+            raise RuntimeError(f"{ep.env_name} seed {ep.seed}: replaying the episode did not reach turn {turn['turn']}")
+        if mode == "worldmodel" or (turn["observation"] is not None and turn["prediction"] is not None):
+            outcomes = envs.next_grid_distribution(env, turn["actions"])
+            scores.append((float(turn["observation"] == turn["coords_before"]),
+                           outcomes.get(turn["prediction"], 0.0) if turn["format_valid"] else 0.0,
+                           max(outcomes.values())))
+        for action in turn["executed"]:
+            env.step(action)
+    return scores
+
+
+def mean(values):
+    return round(float(np.mean(values)), 4) if len(values) else None
+
+
+def summarize(episodes, ks, mode, seed):
+    """The numbers of one row from its episodes (all samples of every puzzle)."""
+    by_puzzle = {}
+    for ep in episodes:
+        by_puzzle.setdefault(ep.seed, []).append(ep.success)
+    n = {len(v) for v in by_puzzle.values()}
+    assert len(n) == 1, "every puzzle needs the same number of samples"
+    n = n.pop()
+    turns = [t for ep in episodes for t in ep.turns]
+    row = {"puzzles": len(by_puzzle), "samples": n}
+    for k in ks:
+        per_puzzle = [pass_at_k(n, sum(v), k) for v in by_puzzle.values()]
+        row[f"pass@{k}"] = round(float(np.mean(per_puzzle)), 4)
+        row[f"pass@{k}_ci"] = bootstrap_ci(per_puzzle, np.random.default_rng(seed))  # same resamples for every k
+    row.update(format_valid=mean([t["format_valid"] for t in turns]),
+               actions=mean([sum(len(t["executed"]) for t in ep.turns) for ep in episodes]),
+               turns=mean([len(ep.turns) for ep in episodes]),
+               score=mean([ep.score for ep in episodes]),
+               truncated=mean([not t["stopped"] for t in turns]),
+               response_tokens=mean([sum(ep.assistant_mask) / max(1, len(ep.turns)) for ep in episodes]))
+    wm = [s for ep in episodes for s in world_model_scores(ep, mode)]
+    row.update(observation_exact=mean([s[0] for s in wm]), prediction_exact=mean([s[1] for s in wm]),
+               prediction_bayes=mean([s[2] for s in wm]), wm_turns=len(wm))
+    return row
+
+
+def episode_record(name, ep):
+    """What episodes.jsonl keeps of an episode: the chat as text and every turn's record."""
+    return {"name": name, "env": ep.env_name, "seed": ep.seed, "sample": ep.sample, "success": ep.success,
+            "score": round(ep.score, 4), "end_reason": ep.end_reason, "messages": ep.messages, "turns": ep.turns}
+
+
+# -----------------------------------------------------------------------------
+# Settings, checkpoints, the report
+
+def checkpoint_settings(path, args):
+    """(tokenizer, prompt settings) of a checkpoint; the settings are the flags, else its
+    run_config.json, else the defaults of its preset. Fails with one line on a missing checkpoint
+    or one whose tokenizer has no chat template, before anything is played."""
+    parent = os.path.dirname(path.rstrip("/"))
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1 or
+                                    (parent and os.path.isdir(parent))):
+        # not a Hub id ("org/name"): say so now rather than after the Hub's network retries
+        raise SystemExit(f"error: no checkpoint folder {path!r}")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: {path!r} is not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        tokenizer = agent.load_tokenizer(path)
+    except agent.ModelLoadError as e:
+        raise SystemExit(f"error: {e}") from None
+    run_config = {}
+    if os.path.isfile(os.path.join(path, "run_config.json")):
+        try:
+            with open(os.path.join(path, "run_config.json")) as f:
+                run_config = json.load(f)
+        except ValueError as e:
+            raise SystemExit(f"error: {path}/run_config.json is not valid JSON ({e})") from None
+    valid = {"instruction": agent.INSTRUCTIONS, "mode": agent.MODES, "render": envs.RENDER_MODES}
+    settings = dict(TINY_SETTINGS if run_config.get("preset") == "tiny" else PAPER_SETTINGS)
+    for key in settings:
+        saved = run_config.get(key)
+        if saved in valid.get(key, ()) or (key == "max_response_tokens" and isinstance(saved, int) and saved > 0):
+            settings[key] = saved
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return tokenizer, settings
+
+
+LEGEND = ("pass@k: unbiased estimator over each puzzle's samples, averaged over puzzles; CI: 95% bootstrap over "
+          "puzzles. exact: exact success probability. format valid: share of turns. actions, turns, score: per "
+          "episode. obs./pred. exact: world-model accuracy (the best possible predictor's in brackets). Prompts:")
+
+
+def fmt(value):
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows, env_names, ks, args):
+    """One table per env: the reference rows around the models."""
+    columns = ["pass@1 [95% CI]"] + [f"pass@{k}" for k in ks[1:]] + [
+        "exact", "format valid", "actions", "turns", "score", "obs. exact", "pred. exact (best)"]
+    lines = []
+    for env_name in env_names:
+        seeds = f"seeds {args.val_seed_start}–{args.val_seed_start + args.puzzles - 1}"
+        lines += [f"### {env_name} ({args.puzzles} puzzles × {args.samples} samples, {seeds})", "",
+                  "| policy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for r in (r for r in rows if r["env"] == env_name):
+            lo, hi = r["pass@1_ci"]
+            pred = ("–" if r["prediction_exact"] is None else
+                    f"{r['prediction_exact']:.3f} ({r['prediction_bayes']:.3f})")
+            cells = [f"{r['pass@1']:.3f} [{lo:.3f}, {hi:.3f}]"] + [fmt(r[f"pass@{k}"]) for k in ks[1:]] + [
+                fmt(r["exact_success"]), fmt(r["format_valid"]), fmt(r["actions"]), fmt(r["turns"]),
+                fmt(r["score"]), fmt(r["observation_exact"]), pred]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [LEGEND, ""]
+    for name, s in {r["name"]: r["settings"] for r in rows}.items():
+        lines.append(f"- {name}: {s['mode']} mode, {s['render']} rendering, {s['instruction']} instruction, "
+                     f"{s['max_response_tokens']} tokens per turn")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env_names = list(envs.ENVS) if args.all_envs else [args.env]
+    ks = [k for k in KS if k <= args.k] + ([args.k] if args.k not in KS else [])
+    seeds = list(range(args.val_seed_start, args.val_seed_start + args.puzzles))
+    device = torch.device(args.device) if args.device else agent.default_device()
+
+    # 1. check every checkpoint (tokenizer, chat template) before any work; resolve its settings
+    checkpoints = {path: checkpoint_settings(path, args) for path in args.model}
+    references = [p for p in REFERENCE_POLICIES if p in args.policy or args.model]
+    if checkpoints:
+        ref_tokenizer, ref_settings = next(iter(checkpoints.values()))
+    else:
+        ref_tokenizer = agent.train_tiny_tokenizer(seed=0)
+        ref_settings = {key: getattr(args, key) if getattr(args, key) is not None else value
+                        for key, value in PAPER_SETTINGS.items()}
+    # a reference row is a property of the env: a small model budget must never cut its responses
+    ref_settings = {**ref_settings, "max_response_tokens": max(ref_settings["max_response_tokens"],
+                                                               PAPER_SETTINGS["max_response_tokens"])}
+    config = {**vars(args), "envs": env_names, "ks": ks, "device": str(device), "reference_settings": ref_settings,
+              "model_settings": {path: settings for path, (_, settings) in checkpoints.items()}}
+    print(json.dumps(config, indent=2, sort_keys=True), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+
+    # 2. play: random first, then the models, the oracle last (one model in memory at a time)
+    policies = [("random", None)] * ("random" in references) + [(p, p) for p in checkpoints] + \
+        [("oracle", None)] * ("oracle" in references)
+    rows = []
+    progress = tqdm(total=len(policies) * len(env_names), desc="evaluate", disable=None)
+    with open(os.path.join(args.out, "episodes.jsonl.tmp"), "w") as episodes_file:
+        for name, path in policies:
+            model = None
+            if path is not None:
+                try:
+                    model, tokenizer = agent.load_model(path, device=device)
+                except agent.ModelLoadError as e:
+                    raise SystemExit(f"error: {e}") from None
+                settings = checkpoints[path][1]
+            else:
+                tokenizer, settings = ref_tokenizer, ref_settings
+            for env_name in env_names:
+                start = time.perf_counter()
+                # every row starts from --seed: a row does not depend on which other rows are in the run
+                if name == "random":
+                    policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
+                elif name == "oracle":
+                    policy = oracle_policy(tokenizer, settings["mode"])
+                else:
+                    generator = torch.Generator(device=device).manual_seed(args.seed)
+                    policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
+                episodes = []
+                for i in range(0, len(seeds), args.batch_puzzles):
+                    episodes += agent.rollout(
+                        policy, tokenizer, env_name, seeds[i:i + args.batch_puzzles], args.samples,
+                        mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
+                        max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens)
+                row = {"name": name, "env": env_name,
+                       **summarize(episodes, ks, settings["mode"], args.seed),
+                       "exact_success": exact_success(env_name, name, seeds) if path is None else None,
+                       "settings": settings}
+                if path is None and row["truncated"]:
+                    tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token "
+                               f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "
+                               f"understates it", file=sys.stderr)
+                rows.append(row)
+                episodes_file.writelines(json.dumps(episode_record(name, ep), ensure_ascii=False) + "\n"
+                                         for ep in episodes)
+                progress.update(1)
+                tqdm.write(f"{name} on {env_name}: pass@1 {row['pass@1']:.3f} ({time.perf_counter() - start:.1f}s)",
+                           file=sys.stderr)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    progress.close()
+    os.replace(os.path.join(args.out, "episodes.jsonl.tmp"), os.path.join(args.out, "episodes.jsonl"))
+
+    # 3. report: rows grouped by env, in policy order
+    rows.sort(key=lambda r: env_names.index(r["env"]))
+    table = markdown(rows, env_names, ks, args)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"config": config, "rows": rows}, f, indent=2)
+    print(table, flush=True)
+    print(json.dumps({"rows": rows}), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

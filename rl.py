@@ -1,0 +1,787 @@
+"""
+Stage 2 of SPA: multi-turn PPO with GAE on one GPU (SPEC §5), written by hand.
+
+    python rl.py --env frozenlake --model runs/sft-frozenlake/model --out runs/spa     # SPA: PPO after SFT
+    python rl.py --env frozenlake --model Qwen/Qwen2.5-1.5B-Instruct --out runs/ppo     # vanilla PPO
+    python rl.py --env frozenlake --model runs/sft/model --mode worldmodel --worldmodel-reward 0.1 \\
+        --out runs/online-wm                                                              # online world-model RL
+    python rl.py --env frozenlake --preset tiny --model runs/sft-tiny/model --out runs/rl-tiny   # CPU, minutes
+    torchrun --nproc_per_node=2 rl.py --env sokoban ...                                  # data parallel
+
+One PPO step:
+  1. rollout    -- env_groups x group_size multi-turn episodes with the current policy (agent.rollout);
+                   each conversation is one token sequence, the assistant tokens are the actions
+  2. filter     -- keep the groups (puzzles) whose episode scores vary most: a group where every
+                   sample scored the same has nothing to compare
+  3. score      -- the log-probs of the acting policy (recomputed with the training forward pass),
+                   the critic's values and, with --kl-coef > 0, the reference policy's log-probs
+  4. advantages -- the episode score on its last token (or each turn's reward on that turn's last
+                   token), GAE over the assistant tokens only: prompt tokens in between are skipped
+                   as if the assistant's tokens were one sequence
+  5. update     -- PPO's clipped objective (asymmetric clip), entropy bonus, optional KL, clipped
+                   value loss; token means over the mini-batch, gradient accumulation over
+                   micro-batches, gradient clipping; separate actor and critic optimisers.
+
+The run folder gets run_config.json, metrics.jsonl (one line per step, plus validation lines),
+train_state.pt (resume: run the same command again) and model/ (the final actor as a Hugging Face
+checkpoint, the input of evaluate.py). The last line printed is JSON.
+
+Every step's randomness is a function of (--seed, step, rank): the puzzles of step s are
+train_seed_start + s * env_groups + (0 .. env_groups-1), the sampler is reseeded each step, and the
+mini-batch order is drawn from the same key. A resumed run therefore continues exactly as an
+uninterrupted one would.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import agent
+import envs
+from evaluate import pass_at_k
+
+PRESETS = {
+    # SPEC §5: the reference configuration, Qwen2.5-1.5B-Instruct
+    "paper": dict(model=agent.DEFAULT_MODEL, mode="base", instruction="full", env_groups=32, group_size=8, steps=200,
+                  actor_lr=1e-6, critic_lr=1e-5, mini_batch=64, micro_batch_tokens=8192, max_response_tokens=400,
+                  max_context_tokens=3600, val_puzzles=64, val_samples=8),
+    # a laptop CPU: the tiny model, the world-model prompt its SFT was trained on, its short
+    # instruction, small batches, larger learning rates (2e-4 learnt a one-move bandit in 20 steps;
+    # 5e-4 and above broke the format within 10)
+    "tiny": dict(model=None, mode="worldmodel", instruction="short", env_groups=16, group_size=8, steps=50,
+                 actor_lr=2e-4, critic_lr=1e-3, mini_batch=32, micro_batch_tokens=8192,
+                 max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS, max_context_tokens=1024,
+                 val_puzzles=32, val_samples=8),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser.add_argument
+    # what to train
+    p("--env", required=True, choices=envs.ENVS, help="environment")
+    p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
+    p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA; tiny preset: a fresh tiny model)")
+    p("--out", required=True, help="run folder (created; an existing run there is resumed)")
+    p("--seed", type=int, default=0, help="seed of the sampler, the mini-batch order and the value head")
+    p("--env-overrides", type=json.loads, default={},
+      help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' or \'{"max_steps": 1}\'')
+    # rollout
+    p("--mode", choices=agent.MODES,
+      help="prompt mode during RL (paper preset: base, the reference scripts' choice after SFT; tiny: "
+           "worldmodel, the prompt its SFT saw)")
+    p("--render", default="coords", choices=("coords", "grid"), help="state rendering in the prompt")
+    p("--instruction", choices=("full", "short"), help="wording of the env instruction")
+    p("--env-groups", type=int, help="puzzles per step")
+    p("--group-size", type=int, help="episodes per puzzle")
+    p("--keep-groups", type=float, default=0.25, help="fraction of groups kept, largest score std first")
+    p("--temperature", type=float, default=1.0, help="sampling temperature")
+    p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")
+    p("--max-response-tokens", type=int, help="tokens per turn")
+    p("--max-context-tokens", type=int, help="tokens per conversation")
+    p("--train-seed-start", type=int, default=10_000, help="puzzle seed of step 0's first group (SPEC §3)")
+    # rewards
+    p("--turn-rewards", action="store_true",
+      help="each turn's reward on that turn's last token (default: the episode score on the last token)")
+    p("--worldmodel-reward", type=float, default=0.0,
+      help="online world-model RL: this bonus per turn for an exact <observation> and again for an exact "
+           "<prediction> (needs --mode worldmodel)")
+    p("--no-state-loss", action="store_true",
+      help="leave the <observation>/<prediction> contents out of the policy loss (SFT learnt the states)")
+    # PPO
+    p("--steps", type=int, help="PPO steps")
+    p("--ppo-epochs", type=int, default=1, help="passes over each step's batch")
+    p("--mini-batch", type=int, help="sequences per optimiser step (over all ranks)")
+    p("--micro-batch-tokens", type=int, help="padded tokens per forward/backward (memory)")
+    p("--actor-lr", type=float, help="actor learning rate")
+    p("--critic-lr", type=float, help="critic learning rate")
+    p("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p("--gamma", type=float, default=1.0, help="GAE discount")
+    p("--lam", type=float, default=1.0, help="GAE lambda")
+    p("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
+    p("--clip-high", type=float, default=0.28, help="PPO ratio clip above 1")
+    p("--value-clip", type=float, default=0.5, help="value clip around the old values")
+    p("--entropy-coef", type=float, default=0.001, help="entropy bonus")
+    p("--kl-coef", type=float, default=0.0, help="KL penalty to the starting policy (0: no reference model)")
+    p("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    p("--no-whiten", action="store_true", help="do not normalise advantages over the batch")
+    # memory
+    p("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    p("--offload-optimizer", action="store_true", help="keep optimiser state in CPU memory between updates")
+    p("--rollout-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+      help="weights the sampler reads (auto: a bf16 copy on GPU, the fp32 actor itself on CPU)")
+    # validation and saving
+    p("--val-every", type=int, default=10, help="steps between validations (0: only at start and end)")
+    p("--val-puzzles", type=int, help="validation puzzles (seeds from --val-seed-start)")
+    p("--val-samples", type=int, help="samples per validation puzzle (Pass@k for k up to this)")
+    p("--val-seed-start", type=int, default=123, help="first validation seed (SPEC §3)")
+    p("--save-every", type=int, default=10, help="steps between resumable saves")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    problems = []
+    if args.mode == "base" and args.worldmodel_reward:
+        problems.append("--worldmodel-reward needs --mode worldmodel (base-mode responses carry no states)")
+    if not 0 < args.keep_groups <= 1:
+        problems.append("--keep-groups must be in (0, 1]")
+    if min(args.env_groups, args.group_size, args.steps, args.mini_batch, args.ppo_epochs, args.max_turns,
+           args.val_puzzles, args.val_samples, args.max_response_tokens) < 1:
+        problems.append("counts (--env-groups, --group-size, --steps, --mini-batch, ...) must be >= 1")
+    if args.actor_lr <= 0 or args.critic_lr <= 0 or args.kl_coef < 0:
+        problems.append("learning rates must be > 0 and --kl-coef >= 0")
+    try:
+        envs.make(args.env, **args.env_overrides)
+    except (TypeError, ValueError) as e:
+        problems.append(f"--env-overrides {json.dumps(args.env_overrides)}: {e}")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Data parallelism. One process: rank 0 of 1. Under torchrun every rank plays its share of the
+# groups, gradients are summed over ranks before each optimiser step (by hand: the all-reduce is
+# the whole of what DDP would add), and metrics are reduced; only rank 0 writes files.
+
+def setup_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, agent.default_device()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(values, device):
+    """Element-wise sum of a list of floats over ranks."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(values, device):
+    """Element-wise maximum of a list of floats over ranks."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_grads(model):
+    """Sum every gradient over ranks (a parameter this rank did not reach gets a zero gradient,
+    so that every rank makes the same calls)."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def seed_for(*key):
+    """A 63-bit seed from any key; the same key gives the same seed on every machine."""
+    return random.Random("-".join(map(str, key))).getrandbits(63)
+
+
+# -----------------------------------------------------------------------------
+# The critic: a copy of the checkpoint's transformer with a scalar head instead of the LM head.
+
+def build_critic(model_path, device, seed):
+    backbone = agent.load_model(model_path, device=device, dtype=torch.float32)[0].base_model
+    head = torch.nn.Linear(backbone.config.hidden_size, 1, device=device)
+    torch.nn.init.zeros_(head.weight)  # every value starts at 0; identical on every rank
+    torch.nn.init.zeros_(head.bias)
+    return torch.nn.ModuleDict({"backbone": backbone, "value_head": head})
+
+
+# -----------------------------------------------------------------------------
+# Batches. Every per-token quantity is a (b, T) tensor aligned with the token ids: position t holds
+# what concerns token t (its log-prob given tokens < t, the value of the state before it, its
+# reward). Sequences are right-padded; pads and prompt tokens are 0 in every mask.
+
+def state_span_mask(tokenizer, tokens):
+    """1 for the response tokens that overlap the contents of a complete <observation>...</observation>
+    or <prediction>...</prediction> span, found in the text of the tokens decoded one by one."""
+    pieces = tokenizer.batch_decode([[t] for t in tokens])
+    text = "".join(pieces)
+    spans = []
+    for open_tag, close_tag in (("<observation>", "</observation>"), ("<prediction>", "</prediction>")):
+        start = text.find(open_tag)
+        while start != -1:
+            end = text.find(close_tag, start + len(open_tag))
+            if end == -1:
+                break
+            spans.append((start + len(open_tag), end))
+            start = text.find(open_tag, end + len(close_tag))
+    mask, offset = [], 0
+    for piece in pieces:
+        lo, hi = offset, offset + len(piece)
+        mask.append(int(any(lo < e and s < hi for s, e in spans)))
+        offset = hi
+    return mask
+
+
+def turn_spans(assistant_mask):
+    """(first, last) token index of each run of assistant tokens: one per turn."""
+    spans, start = [], None
+    for i, m in enumerate(assistant_mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i - 1))
+            start = None
+    return spans
+
+
+def worldmodel_hits(turn):
+    """(observation exact, prediction exact) of one turn record, as SFT's evaluation defines them."""
+    return (turn["observation"] is not None and turn["observation"] == turn["coords_before"].strip(),
+            turn["prediction"] is not None and turn["prediction"] == turn["state_after"].strip())
+
+
+def episode_rewards(ep, worldmodel_reward):
+    """Training reward per turn: the env reward + format penalty, plus the online world-model bonus."""
+    return [r + worldmodel_reward * sum(worldmodel_hits(turn)) for r, turn in zip(ep.turn_rewards, ep.turns)]
+
+
+def filter_groups(episodes, keep, worldmodel_reward=0.0):
+    """The episodes of the int(keep * groups) groups (at least 1) with the largest std of the
+    episodes' training rewards; ties keep the earlier group."""
+    groups = {}
+    for ep in episodes:
+        groups.setdefault(ep.group, []).append(sum(episode_rewards(ep, worldmodel_reward)))
+    std = {g: torch.tensor(scores, dtype=torch.float64).std(unbiased=False).item() for g, scores in groups.items()}
+    chosen = set(sorted(groups, key=lambda g: (-std[g], g))[:max(1, int(keep * len(groups)))])
+    return [ep for ep in episodes if ep.group in chosen]
+
+
+def build_batch(episodes, tokenizer, args):
+    """Right-padded (N, T) tensors: ids, attention (1 on real tokens), action (1 on assistant
+    tokens: GAE and the value loss), policy (the tokens in the policy loss), rewards, and the
+    sampler's log-probs. Episodes without an assistant token (a prompt over the context budget)
+    are dropped."""
+    episodes = [ep for ep in episodes if any(ep.assistant_mask)]
+    n, width = len(episodes), max((len(ep.tokens) for ep in episodes), default=1)
+    batch = {k: torch.zeros(n, width, dtype=torch.long) for k in ("ids", "attention", "action", "policy")}
+    batch["rewards"] = torch.zeros(n, width)
+    batch["sampler_logprobs"] = torch.zeros(n, width)
+    for row, ep in enumerate(episodes):
+        length = len(ep.tokens)
+        batch["ids"][row, :length] = torch.tensor(ep.tokens)
+        batch["attention"][row, :length] = 1
+        batch["action"][row, :length] = torch.tensor(ep.assistant_mask)
+        batch["sampler_logprobs"][row, :length] = torch.tensor(ep.logprobs)
+        policy = list(ep.assistant_mask)
+        if args.no_state_loss:
+            for first, last in turn_spans(ep.assistant_mask):
+                for i, m in enumerate(state_span_mask(tokenizer, ep.tokens[first:last + 1])):
+                    policy[first + i] &= 1 - m
+        batch["policy"][row, :length] = torch.tensor(policy)
+        rewards = episode_rewards(ep, args.worldmodel_reward)
+        if args.turn_rewards:
+            for end, reward in zip(ep.turn_ends, rewards):
+                batch["rewards"][row, end] += reward
+        else:
+            batch["rewards"][row, ep.turn_ends[-1]] = sum(rewards)
+    batch["lengths"] = [len(ep.tokens) for ep in episodes]
+    return batch, episodes
+
+
+def rows_of(batch, rows, device):
+    """The tensors of some rows, cut to their longest sequence, on the device."""
+    width = max(batch["lengths"][r] for r in rows)
+    index = torch.tensor(rows)
+    return {k: v[index, :width].to(device) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+# -----------------------------------------------------------------------------
+# Forward passes. Token t is scored from the hidden state at t-1, so only the positions before an
+# assistant token go through the LM head (a 152k-wide vocabulary makes full logits costly).
+
+def token_logprobs(model, ids, attention, where, with_entropy=False):
+    """(log-prob of each token where `where`, and its distribution's entropy or None), (b, T), 0 elsewhere."""
+    hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    scored = where[:, 1:].bool()  # (b, T-1): token t+1 is scored from position t
+    logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()  # (n, V)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = torch.zeros(ids.shape, device=ids.device)
+    logp[:, 1:][scored] = logp_all.gather(-1, ids[:, 1:][scored][:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    entropy = torch.zeros(ids.shape, device=ids.device)
+    entropy[:, 1:][scored] = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def token_values(critic, ids, attention, where):
+    """The critic's value of the state before each token where `where`, (b, T), 0 elsewhere."""
+    hidden = critic["backbone"](input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    scored = where[:, 1:].bool()
+    values = torch.zeros(ids.shape, device=ids.device)
+    values[:, 1:][scored] = critic["value_head"](hidden[:, :-1][scored]).float().squeeze(-1)
+    return values
+
+
+# -----------------------------------------------------------------------------
+# The losses, on (b, T) tensors. Each returns per-token terms; the caller sums over a mask and
+# divides by the mini-batch's token count (a token mean over the whole mini-batch).
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over the masked positions of each row only: a masked
+    position's successor is the next masked position in its row (prompt tokens in between are
+    not steps), the last one's successor has value 0. Returns (advantages, returns), 0 off the mask."""
+    mask = mask.bool()
+    advantages = torch.zeros_like(values)
+    last_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * last_advantage
+        m = mask[:, t]
+        advantages[:, t] = torch.where(m, advantage, 0.0)
+        last_advantage = torch.where(m, advantage, last_advantage)
+        next_value = torch.where(m, values[:, t], next_value)
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss_terms(logp, old_logp, advantages, clip_low, clip_high):
+    """PPO's clipped surrogate per token, and which tokens the clip bound: (loss, clipped_low, clipped_high).
+    The ratio may move to 1 - clip_low below and 1 + clip_high above (asymmetric: more room for
+    raising the probability of a good but unlikely token)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    bound = clipped > unclipped
+    return torch.maximum(unclipped, clipped), bound & (ratio < 1), bound & (ratio > 1)
+
+
+def value_loss_terms(values, old_values, returns, clip):
+    """Clipped value loss per token: the larger of the squared errors of the new value and of the
+    new value held within clip of the old one. Returns (loss, clipped)."""
+    held = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (held - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def kl_terms(logp, ref_logp):
+    """Per-token KL(policy || reference), the non-negative low-variance estimator (k3)."""
+    log_ratio = (ref_logp - logp).clamp(-20, 20)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
+
+
+def whiten(x, mask, device):
+    """x normalised to mean 0 and std 1 over the masked tokens of every rank."""
+    m = mask.float()
+    total, square, count = all_sum([(x * m).sum().item(), (x * x * m).sum().item(), m.sum().item()], device)
+    mean = total / max(count, 1)
+    std = math.sqrt(max(square / max(count, 1) - mean ** 2, 0.0))
+    return (x - mean) / (std + 1e-8) * m
+
+
+# -----------------------------------------------------------------------------
+# One PPO step on this rank's batch
+
+@torch.no_grad()
+def score_batch(actor, critic, reference, batch, args, device, autocast):
+    """Old log-probs (the training forward pass, not the sampler's), values and reference
+    log-probs for every row, in micro-batches; then advantages and returns."""
+    n, width = batch["ids"].shape
+    for key in ("old_logprobs", "values", "ref_logprobs"):
+        batch[key] = torch.zeros(n, width)
+    actor.eval()
+    critic.eval()
+    for rows in agent.micro_batches(range(n), batch["lengths"], args.micro_batch_tokens):
+        mb = rows_of(batch, rows, device)
+        w = mb["ids"].shape[1]
+        with autocast:
+            batch["old_logprobs"][rows, :w] = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"])[0].cpu()
+            batch["values"][rows, :w] = token_values(critic, mb["ids"], mb["attention"], mb["action"]).cpu()
+            if reference is not None:
+                batch["ref_logprobs"][rows, :w] = token_logprobs(reference, mb["ids"], mb["attention"],
+                                                                 mb["action"])[0].cpu()
+    batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["action"], args.gamma,
+                                                args.lam)
+    if not args.no_whiten:
+        batch["advantages"] = whiten(batch["advantages"], batch["action"], device)
+
+
+def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, autocast, step):
+    """PPO epochs over this rank's batch in mini-batches (args.mini_batch sequences over all
+    ranks); gradients accumulated over micro-batches and summed over ranks. Returns summed
+    statistics for the step's metrics."""
+    n = len(batch["lengths"])
+    per_rank = max(1, args.mini_batch // world)
+    stats = dict.fromkeys(("pg_loss", "entropy", "clip_low", "clip_high", "approx_kl", "kl_ref", "policy_tokens",
+                           "value_loss", "value_clip", "value_tokens", "actor_grad_norm", "critic_grad_norm",
+                           "optimizer_steps"), 0.0)
+    actor.train()
+    critic.train()
+    for epoch in range(args.ppo_epochs):
+        order = list(range(n))
+        random.Random(seed_for(args.seed, "minibatch", step, epoch, dist.get_rank() if world > 1 else 0)).shuffle(order)
+        # every rank takes part in every optimiser step, even one whose share ran out (a rank can
+        # hold fewer sequences when an episode had no assistant token): same number of all-reduces
+        n_batches = int(max(all_max([math.ceil(n / per_rank)], device)))
+        for b in range(n_batches):
+            rows = order[b * per_rank:(b + 1) * per_rank]
+            # the token counts of the whole mini-batch, over all ranks: every micro-batch's summed
+            # loss is divided by them, so the accumulated gradient is a token mean
+            policy_tokens, value_tokens = all_sum([batch["policy"][rows].sum().item(),
+                                                   batch["action"][rows].sum().item()], device)
+            for micro in agent.micro_batches(rows, batch["lengths"], args.micro_batch_tokens) if rows else []:
+                mb = rows_of(batch, micro, device)
+                policy, action = mb["policy"].float(), mb["action"].float()
+                with autocast:
+                    logp, entropy = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"], with_entropy=True)
+                    values = token_values(critic, mb["ids"], mb["attention"], mb["action"])
+                pg, low, high = policy_loss_terms(logp, mb["old_logprobs"], mb["advantages"], args.clip_low,
+                                                  args.clip_high)
+                actor_loss = ((pg - args.entropy_coef * entropy) * policy).sum()
+                if args.kl_coef > 0:
+                    kl = kl_terms(logp, mb["ref_logprobs"])
+                    actor_loss = actor_loss + args.kl_coef * (kl * policy).sum()
+                    stats["kl_ref"] += (kl * policy).sum().item()
+                (actor_loss / max(policy_tokens, 1)).backward()
+                vl, vclipped = value_loss_terms(values, mb["values"], mb["returns"], args.value_clip)
+                ((vl * action).sum() / max(value_tokens, 1)).backward()
+                stats["pg_loss"] += (pg * policy).sum().item()
+                stats["entropy"] += (entropy * policy).sum().item()
+                stats["clip_low"] += (low * policy).sum().item()
+                stats["clip_high"] += (high * policy).sum().item()
+                stats["approx_kl"] += (kl_terms(mb["old_logprobs"], logp.detach()) * policy).sum().item()
+                stats["policy_tokens"] += policy.sum().item()
+                stats["value_loss"] += (vl * action).sum().item()
+                stats["value_clip"] += (vclipped * action).sum().item()
+                stats["value_tokens"] += action.sum().item()
+            for model, optimizer, key in ((actor, actor_opt, "actor_grad_norm"), (critic, critic_opt,
+                                                                                   "critic_grad_norm")):
+                all_reduce_grads(model)
+                stats[key] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            stats["optimizer_steps"] += 1
+    return stats
+
+
+def move_optimizer_state(optimizer, device):
+    """Move AdamW's moments (2 x 4 bytes per parameter) to the device or to CPU memory."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device, non_blocking=True)
+
+
+# -----------------------------------------------------------------------------
+# Validation: fixed puzzles, n samples each, Pass@k with evaluate.py's unbiased estimator
+
+@torch.no_grad()
+def validate(model, tokenizer, args, rank, world, device, step):
+    seeds = list(range(args.val_seed_start, args.val_seed_start + args.val_puzzles))[rank::world]
+    generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "validation", step, rank))
+    policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
+    episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.val_samples, **rollout_kwargs(args))
+    successes = [0] * len(seeds)
+    for ep in episodes:
+        successes[ep.group] += ep.success
+    turns = [t for ep in episodes for t in ep.turns]
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, successes)
+        successes = [c for part in gathered for c in part]
+    counts = all_sum([len(turns), sum(t["format_valid"] for t in turns), sum(ep.score for ep in episodes),
+                      len(episodes)], device)
+    row = {"step": step, "val/format_valid": counts[1] / max(counts[0], 1), "val/score": counts[2] / max(counts[3], 1)}
+    for k in (1, 2, 4, 8, 16, 32):
+        if k <= args.val_samples:
+            row[f"val/pass@{k}"] = sum(pass_at_k(args.val_samples, c, k) for c in successes) / len(successes)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def rollout_kwargs(args):
+    return dict(mode=args.mode, render=args.render, instruction=args.instruction, max_turns=args.max_turns,
+                max_response_tokens=args.max_response_tokens, max_context_tokens=args.max_context_tokens,
+                env_overrides=args.env_overrides)
+
+
+# -----------------------------------------------------------------------------
+# Memory plan and checkpoints
+
+def memory_plan(n_params, config, args, device, world):
+    """Estimated peak GPU memory of one rank, in GB, in the two phases of a step. Always resident:
+    fp32 master weights of actor and critic (PPO's learning rates are below what a bf16 weight can
+    resolve), their AdamW moments (8 bytes per parameter each, unless --offload-optimizer moves
+    them to CPU memory during the rollout), the sampler's bf16 copy and the reference model.
+    The rollout adds the KV cache (every sequence at the context budget: an upper bound); the
+    update adds gradients and the LM head's logits for one micro-batch (fp32, with the
+    log-softmax and its gradient), but not the layers' activations (see --grad-checkpointing)."""
+    gb = 1e9
+    rollout_bytes = 2 if sampler_dtype(args, device) == torch.bfloat16 else 4
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sequences = args.env_groups * args.group_size // world
+    weights = 2 * 4 * n_params / gb  # actor and critic, fp32
+    moments = 2 * 8 * n_params / gb
+    copies = ((rollout_bytes * n_params / gb) if rollout_bytes == 2 else 0.0) + \
+        ((rollout_bytes * n_params / gb) if args.kl_coef > 0 else 0.0)
+    kv_cache = sequences * args.max_context_tokens * config.num_hidden_layers * 2 * kv_heads * head_dim \
+        * rollout_bytes / gb
+    resident = weights + copies + (0.0 if args.offload_optimizer else moments)
+    plan = {"weights (actor + critic, fp32)": weights, "adamw moments": moments,
+            "sampler copy + reference": copies, "kv cache (rollout)": kv_cache,
+            "gradients (update)": weights, "logits of a micro-batch (update)": 3 * 4 * args.micro_batch_tokens
+            * config.vocab_size / gb}
+    plan["rollout phase"] = resident + kv_cache
+    plan["update phase (+ activations)"] = 2 * weights + moments + copies + plan["logits of a micro-batch (update)"]
+    return {k: round(v, 2) for k, v in plan.items()}
+
+
+def sampler_dtype(args, device):
+    if args.rollout_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32
+
+
+def save_train_state(path, actor, critic, actor_opt, critic_opt, step):
+    tmp = path + ".tmp"
+    torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "actor_opt": actor_opt.state_dict(),
+                "critic_opt": critic_opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def load_train_state(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not {"actor", "critic", "actor_opt", "critic_opt", "step"} <= set(state):
+            raise ValueError("not a train state written by rl.py")
+        return state
+    except Exception as e:  # truncated or foreign: say so rather than train from half a state
+        raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {e}); delete it to start over") \
+            from None
+
+
+def drop_metrics_after(path, step):
+    """Forget the metric lines of steps after the saved state: they will be redone."""
+    if os.path.isfile(path):
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        agent.write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    if args.env_groups % world:
+        raise SystemExit(f"error: --env-groups {args.env_groups} must be a multiple of the {world} ranks")
+    config = vars(args).copy()
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    state_path = os.path.join(args.out, "train_state.pt")
+    if is_main:
+        os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # 1. models: the actor and the critic start from the same checkpoint (fp32 master weights;
+    # bf16 autocast for the forward passes on GPU)
+    model_path = args.model
+    if model_path is None:  # tiny preset without --model: a fresh tiny model (vanilla PPO from scratch)
+        model_path = os.path.join(args.out, "base_model")
+        if is_main:
+            agent.ensure_tiny_model(model_path, seed=args.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        config["model"] = model_path
+    try:
+        actor, tokenizer = agent.load_model(model_path, device=device, dtype=torch.float32)
+        critic = build_critic(model_path, device, args.seed)
+    except agent.ModelLoadError as e:
+        raise SystemExit(f"error: {e}") from None
+    reference = agent.load_model(model_path, device=device)[0].requires_grad_(False) if args.kl_coef > 0 else None
+    if args.grad_checkpointing:
+        actor.gradient_checkpointing_enable()
+        critic["backbone"].gradient_checkpointing_enable()
+    dtype = sampler_dtype(args, device)
+    sampler = actor if dtype == torch.float32 else agent.load_model(model_path, device=device, dtype=dtype)[0]
+    n_params = sum(p.numel() for p in actor.parameters())
+    config.update(world_size=world, device=str(device), parameters=n_params,
+                  memory_plan_gb=memory_plan(n_params, actor.config, args, device, world))
+    if is_main:
+        print(json.dumps(config, indent=2, sort_keys=True), flush=True)
+        with open(os.path.join(args.out, "run_config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    fused = device.type == "cuda"
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, fused=fused)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay,
+                                   fused=fused)
+    step = 0
+    if os.path.isfile(state_path):
+        state = load_train_state(state_path)
+        actor.load_state_dict(state["actor"])
+        critic.load_state_dict(state["critic"])
+        actor_opt.load_state_dict(state["actor_opt"])
+        critic_opt.load_state_dict(state["critic_opt"])
+        step = state["step"]
+        if is_main:
+            print(f"resuming at step {step}", flush=True)
+    if is_main:
+        drop_metrics_after(metrics_path, step if step else -1)  # a fresh start forgets an earlier partial run
+    if sampler is not actor:
+        sampler.load_state_dict(actor.state_dict())
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+
+    def log(row):
+        if is_main:
+            agent.append_jsonl(metrics_path, row)
+
+    def validation():
+        row = validate(sampler, tokenizer, args, rank, world, device, step)
+        log(row)
+        if is_main:
+            tqdm.write(json.dumps(row))
+        return row
+
+    # 2. train
+    last_validation = validation() if step == 0 else None
+    progress = tqdm(total=args.steps, initial=step, desc="ppo", disable=None if is_main else True)
+    while step < args.steps:
+        start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.offload_optimizer:
+            move_optimizer_state(actor_opt, "cpu")
+            move_optimizer_state(critic_opt, "cpu")
+        # rollout: this rank's share of the step's puzzles
+        first = args.train_seed_start + step * args.env_groups
+        seeds = list(range(first, first + args.env_groups))[rank::world]
+        generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "rollout", step, rank))
+        policy = agent.model_policy(sampler.eval(), tokenizer, temperature=args.temperature, generator=generator)
+        episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.group_size, **rollout_kwargs(args))
+        rollout_s = time.perf_counter() - start
+        kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward)
+        batch, kept = build_batch(kept, tokenizer, args)
+        if not kept:
+            raise SystemExit("error: no episode has an assistant token (is --max-context-tokens below the prompt?)")
+        # score: old log-probs, values, advantages
+        mark = time.perf_counter()
+        score_batch(actor, critic, reference, batch, args, device, autocast)
+        logprob_s = time.perf_counter() - mark
+        # update
+        mark = time.perf_counter()
+        if args.offload_optimizer:
+            move_optimizer_state(actor_opt, device)
+            move_optimizer_state(critic_opt, device)
+        stats = update(actor, critic, actor_opt, critic_opt, batch, args, world, device, autocast, step)
+        if sampler is not actor:
+            sampler.load_state_dict(actor.state_dict())
+        update_s = time.perf_counter() - mark
+        step += 1
+        row = step_metrics(step, episodes, batch, stats, args, device, world,
+                           dict(rollout_s=rollout_s, logprob_s=logprob_s, update_s=update_s,
+                                step_s=time.perf_counter() - start))
+        log(row)
+        progress.update(1)
+        progress.set_postfix(reward=row["train/reward"], success=row["train/success"], entropy=row["actor/entropy"])
+        if (args.val_every and step % args.val_every == 0) or step == args.steps:
+            last_validation = validation()
+        if step % args.save_every == 0 or step == args.steps:  # after the step's metrics are all written
+            if is_main:
+                save_train_state(state_path, actor, critic, actor_opt, critic_opt, step)
+            if dist.is_initialized():
+                dist.barrier()
+    progress.close()
+
+    # 3. the final actor as a Hugging Face checkpoint, with the last validation
+    summary = dict(last_validation) if last_validation and last_validation["step"] == step else validation()
+    summary["ranks_in_sync"] = ranks_in_sync(actor, critic, world, device)
+    if is_main:
+        final = agent.save_checkpoint(actor, tokenizer, os.path.join(args.out, "model"), run_config=config)
+        summary.update(env=args.env, checkpoint=final)
+        print(json.dumps(summary), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def step_metrics(step, episodes, batch, stats, args, device, world, timings):
+    """One metrics line, reduced over ranks: rollout statistics over all episodes, PPO statistics
+    over the kept ones."""
+    turns = [t for ep in episodes for t in ep.turns]
+    hits = [worldmodel_hits(t) for t in turns]
+    action = batch["action"].bool()
+    returns, values = batch["returns"][action], batch["values"][action]
+    local = [len(episodes), sum(ep.score for ep in episodes), sum(ep.success for ep in episodes),
+             sum(len(ep.turns) for ep in episodes), sum(len(t["executed"]) for t in turns),
+             len(turns), sum(t["format_valid"] for t in turns), sum(h[0] for h in hits), sum(h[1] for h in hits),
+             sum(sum(ep.assistant_mask) for ep in episodes), sum(len(ep.tokens) for ep in episodes),
+             len(batch["lengths"]), returns.numel(), returns.sum().item(), (returns ** 2).sum().item(),
+             (returns - values).sum().item(), ((returns - values) ** 2).sum().item(),
+             batch["sampler_logprobs"][action].sub(batch["old_logprobs"][action]).abs().sum().item()]
+    keys = list(stats)
+    total = all_sum(local + [stats[k] for k in keys], device)
+    (n_eps, score, success, n_turns, executed, turn_count, valid, obs_hits, pred_hits, generated, tokens, kept,
+     n_values, ret_sum, ret_sq, err_sum, err_sq, sampler_gap) = total[:len(local)]
+    s = dict(zip(keys, total[len(local):]))
+
+    def var(total, square, count):
+        return square / max(count, 1) - (total / max(count, 1)) ** 2
+    ptoks, vtoks, opt_steps = max(s["policy_tokens"], 1), max(s["value_tokens"], 1), max(s["optimizer_steps"], 1)
+    ret_var = var(ret_sum, ret_sq, n_values)
+    row = {
+        "step": step,
+        "train/reward": score / n_eps, "train/success": success / n_eps, "train/turns": n_turns / n_eps,
+        "train/actions": executed / n_eps, "train/format_valid": valid / max(turn_count, 1),
+        "train/observation_exact": obs_hits / max(turn_count, 1),
+        "train/prediction_exact": pred_hits / max(turn_count, 1),
+        "train/response_tokens": generated / max(turn_count, 1), "train/kept_episodes": kept,
+        "actor/pg_loss": s["pg_loss"] / ptoks, "actor/entropy": s["entropy"] / ptoks,
+        "actor/clip_frac_low": s["clip_low"] / ptoks, "actor/clip_frac_high": s["clip_high"] / ptoks,
+        "actor/approx_kl": s["approx_kl"] / ptoks, "actor/kl_ref": s["kl_ref"] / ptoks,
+        "actor/grad_norm": s["actor_grad_norm"] / opt_steps,  # the same on every rank: summed, then / steps
+        "actor/sampler_logprob_gap": sampler_gap / max(n_values, 1),
+        "critic/value_loss": s["value_loss"] / vtoks, "critic/value_clip_frac": s["value_clip"] / vtoks,
+        "critic/explained_var": 1 - var(err_sum, err_sq, n_values) / ret_var if ret_var > 1e-12 else 0.0,
+        "critic/grad_norm": s["critic_grad_norm"] / opt_steps,
+        "perf/tokens_per_s": tokens / timings["step_s"], "perf/peak_mem_gb": peak_memory_gb(device),
+        **{f"perf/{k}": v for k, v in timings.items()},
+    }
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def ranks_in_sync(actor, critic, world, device):
+    """Whether every rank holds the same weights (compared by per-tensor sums: cheap, and any
+    drift between ranks shows in them). Always true in one process."""
+    if world == 1:
+        return True
+    sums = torch.stack([p.detach().double().sum() for m in (actor, critic) for p in m.parameters()]).to(device)
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux: the process's peak RSS
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,266 @@
+"""Evaluation: the Pass@k estimator, the reference rows against exact values, world-model
+accuracy, determinism, outputs and bad input."""
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import agent
+import envs
+import evaluate as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(tmp_path, capsys, *argv):
+    """main() in-process; returns (rows of the last stdout line, the out folder)."""
+    out = tmp_path / "out"
+    rows = ev.main([*argv, "--out", str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == {"rows": rows}
+    return rows, out
+
+
+def row(rows, name, env=None):
+    (match,) = [r for r in rows if r["name"] == name and (env is None or r["env"] == env)]
+    return match
+
+
+# -----------------------------------------------------------------------------
+# Pass@k and the bootstrap
+
+def test_pass_at_k_matches_subset_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+    assert ev.pass_at_k(8, 2, 1) == 0.25  # pass@1 is the success rate
+    for bad in ((4, 1, 5), (4, 5, 1), (4, 1, 0)):
+        with pytest.raises(ValueError):
+            ev.pass_at_k(*bad)
+
+
+def test_bootstrap_interval():
+    values = [0.0, 1.0] * 50
+    ci = ev.bootstrap_ci(values, np.random.default_rng(0))
+    assert ci == ev.bootstrap_ci(values, np.random.default_rng(0))  # seeded
+    assert ci[0] < 0.5 < ci[1] and ci[1] - ci[0] == pytest.approx(2 * 1.96 * 0.05, abs=0.03)  # ~ +-1.96 SE
+    assert ev.bootstrap_ci([0.25] * 10, np.random.default_rng(0)) == [0.25, 0.25]
+
+
+# -----------------------------------------------------------------------------
+# The random policy's exact success on FrozenLake (envs.FrozenLake.random_success)
+
+def test_random_plan_lengths_are_those_random_actions_draws():
+    probs = ev.random_plan_lengths()
+    assert len(probs) == agent.MAX_ACTIONS_PER_TURN and sum(probs) == pytest.approx(1.0)
+    env = envs.make("frozenlake")
+    env.reset(0)
+    rng, n = random.Random(0), 20_000
+    counts = [0] * len(probs)
+    for _ in range(n):
+        counts[len(agent.random_actions(env, rng)) - 1] += 1
+    for count, p in zip(counts, probs):
+        assert abs(count / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_frozenlake_random_success_matches_brute_force():
+    """Every combination of turn plan lengths, every random action sequence, through the env's own
+    outcome_distribution: the DP must give exactly the same probability."""
+    desc = ["P_O", "___", "O_G"]
+    probs = ev.random_plan_lengths(continue_p=0.5, max_actions=3)
+    for slippery, max_turns in ((True, 2), (True, 3), (False, 2)):
+        env = envs.make("frozenlake", desc=desc, slippery=slippery, max_steps=4)
+        env.reset(0)
+        expected = 0.0
+        for lengths in itertools.product(range(1, len(probs) + 1), repeat=max_turns):
+            total = min(sum(lengths), env.max_steps)  # a turn cut short by the budget runs what is left
+            goal = np.mean([env.outcome_distribution(seq).get((2, 2), 0.0)
+                            for seq in itertools.product(envs.FROZENLAKE_ACTIONS, repeat=total)])
+            expected += math.prod(probs[L - 1] for L in lengths) * goal
+        assert env.random_success(probs, max_turns=max_turns) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="plan_lengths"):
+        env.random_success([0.5, 0.2])
+
+
+# -----------------------------------------------------------------------------
+# Reference rows
+
+def test_frozenlake_reference_rows_agree_with_their_exact_values(tmp_path, capsys):
+    puzzles = 512
+    rows, _ = run(tmp_path, capsys, "--env", "frozenlake", "--policy", "random", "--policy", "oracle",
+                  "--puzzles", str(puzzles), "--samples", "2", "--k", "2")
+    assert [r["name"] for r in rows] == ["random", "oracle"]
+    exact = {"random": [], "oracle": []}
+    for seed in range(123, 123 + puzzles):
+        env = envs.make("frozenlake")
+        env.reset(seed)
+        exact["random"].append(env.random_success(ev.random_plan_lengths()))
+        exact["oracle"].append(env.oracle()["turn_success"])
+    for name, values in exact.items():
+        r = row(rows, name)
+        assert r["exact_success"] == pytest.approx(np.mean(values), abs=1e-4)
+        # puzzles are independent; a puzzle's samples may not be (they share the seed's slips), so
+        # the standard error of the simulated mean is at most sqrt(sum p(1-p)) / puzzles
+        se = math.sqrt(sum(p * (1 - p) for p in values)) / puzzles
+        assert abs(r["pass@1"] - np.mean(values)) < 4 * se, (name, r["pass@1"], np.mean(values), se)
+        assert r["format_valid"] == 1.0 and r["truncated"] == 0.0 and r["observation_exact"] == 1.0
+    oracle = row(rows, "oracle")
+    # the oracle is deterministic and the slips are a function of the seed: every sample plays alike
+    assert oracle["pass@2"] == oracle["pass@1"]
+    # it writes the most likely next state: exactly as good as the best possible predictor
+    assert oracle["prediction_exact"] == oracle["prediction_bayes"]
+    assert row(rows, "random")["pass@1"] < oracle["exact_success"]
+
+
+@pytest.mark.parametrize("env_name", ["sokoban", "sudoku"])
+def test_oracle_is_perfect_on_sokoban_and_sudoku(tmp_path, capsys, env_name):
+    rows, _ = run(tmp_path, capsys, "--env", env_name, "--policy", "oracle", "--puzzles", "32", "--samples", "3",
+                  "--k", "3")
+    (r,) = rows
+    assert r["pass@1"] == r["pass@2"] == r["pass@3"] == r["exact_success"] == 1.0 and r["pass@1_ci"] == [1.0, 1.0]
+    assert r["format_valid"] == r["observation_exact"] == r["prediction_exact"] == r["prediction_bayes"] == 1.0
+    assert r["score"] > 0 and r["turns"] <= agent.MAX_TURNS and r["wm_turns"] > 0
+    # base mode: the responses carry no states, so there is no world-model accuracy to report
+    rows, _ = run(tmp_path, capsys, "--env", env_name, "--policy", "oracle", "--puzzles", "8", "--samples", "1",
+                  "--k", "1", "--mode", "base")
+    (r,) = rows
+    assert r["pass@1"] == 1.0 and r["wm_turns"] == 0 and r["observation_exact"] is None
+    assert r["prediction_exact"] is None
+
+
+# -----------------------------------------------------------------------------
+# World-model accuracy
+
+def wm_response(observation, prediction, answer):
+    return (f"<observation>{observation}</observation>ok<prediction>{prediction}</prediction></think>"
+            f"<answer>{answer}</answer>")
+
+
+def test_world_model_accuracy_definitions(tiny):
+    _, tokenizer = tiny
+    room = "######\n#P_XO#\n#____#\n######"
+    env = envs.make("sokoban", room=room)
+    env.reset(0)
+    start = env.render("coords")
+    env.step("Down")
+    after_down = env.render("grid")
+    responses = [wm_response(start, after_down, "Down"),  # both right
+                 wm_response("wrong", after_down, "Up"),  # both wrong: it went back Up, to the start
+                 wm_response(start, room, "Jump"),  # both right: format valid, the env rejects Jump
+                 wm_response(start, room, "")]  # right observation; no action: invalid, its prediction scores 0
+    policy = agent.text_policy(tokenizer, lambda ep: responses[len(ep.turns)])
+    (ep,) = agent.rollout(policy, tokenizer, "sokoban", [0], 1, mode="worldmodel", instruction="short",
+                          env_overrides={"room": room}, max_turns=4)
+    assert [t["format_valid"] for t in ep.turns] == [True, True, True, False]
+    assert ev.world_model_scores(ep, "worldmodel") == [(1.0, 1.0, 1.0), (0.0, 0.0, 1.0), (1.0, 1.0, 1.0),
+                                                       (1.0, 0.0, 1.0)]
+    summary = ev.summarize([ep], [1], "worldmodel", seed=0)
+    assert summary["wm_turns"] == 4 and summary["format_valid"] == 0.75
+    assert summary["observation_exact"] == 0.75 and summary["prediction_exact"] == 0.5
+    assert summary["actions"] == 2 and summary["turns"] == 4
+
+
+def test_frozenlake_prediction_is_scored_by_probability(tiny):
+    _, tokenizer = tiny
+    desc = ["P__", "___", "__G"]
+    env = envs.make("frozenlake", desc=desc)
+    env.reset(0)
+    intended = "_P_\n___\n__G"  # Right from (0,0): (0,1), (1,0) or stay (off the board up), 1/3 each
+    policy = agent.text_policy(tokenizer, lambda ep: wm_response(env.render("coords"), intended, "Right"))
+    (ep,) = agent.rollout(policy, tokenizer, "frozenlake", [0], 1, instruction="short", max_turns=1,
+                          env_overrides={"desc": desc})
+    ((obs, pred, best),) = ev.world_model_scores(ep, "worldmodel")
+    assert obs == 1.0 and pred == pytest.approx(1 / 3) and best == pytest.approx(1 / 3)
+    # base mode scores only the turns that carry both states
+    plain = agent.text_policy(tokenizer, lambda ep: "go</think><answer>Right</answer>")
+    (ep,) = agent.rollout(plain, tokenizer, "frozenlake", [0], 1, mode="base", instruction="short", max_turns=1,
+                          env_overrides={"desc": desc})
+    assert ev.world_model_scores(ep, "base") == []
+
+
+# -----------------------------------------------------------------------------
+# A model next to the reference rows: determinism, files, the last line
+
+def test_model_rows_are_reproducible_and_complete(tmp_path, capsys, tiny_dir):
+    argv = ["--all-envs", "--model", tiny_dir, "--puzzles", "2", "--samples", "2", "--k", "2",
+            "--max-response-tokens", "8"]
+    rows, out = run(tmp_path / "a", capsys, *argv)
+    again, out_again = run(tmp_path / "b", capsys, *argv)
+    assert rows == again
+    for name in ("report.md", "episodes.jsonl"):
+        assert (out / name).read_text() == (out_again / name).read_text(), name
+    # reference rows come with every model, around it; grouped by env
+    assert [(r["env"], r["name"]) for r in rows] == [(e, n) for e in envs.ENVS for n in ("random", tiny_dir, "oracle")]
+    for r in rows:
+        for key in ("pass@1", "pass@2", "pass@1_ci", "pass@2_ci", "format_valid", "observation_exact",
+                    "prediction_exact", "actions", "turns", "score", "exact_success"):
+            assert key in r, key
+    model = row(rows, tiny_dir, "sokoban")
+    # a tiny-preset checkpoint is prompted as it was trained (short instruction); flags override
+    assert model["settings"] == {"instruction": "short", "max_response_tokens": 8, "mode": "worldmodel",
+                                 "render": "coords"}
+    assert model["truncated"] > 0.5 and model["format_valid"] == 0.0  # a fresh model writes junk
+    # the reference rows keep a budget their responses fit in, whatever the model's
+    assert row(rows, "oracle", "sokoban")["settings"]["max_response_tokens"] == 400
+    assert row(rows, "oracle", "sokoban")["pass@1"] == 1.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == rows and report["config"]["model"] == [tiny_dir]
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 3 * 3 * 2 * 2  # envs x rows x puzzles x samples
+    assert {(e["name"], e["env"], e["seed"], e["sample"]) for e in episodes} == {
+        (n, e, s, k) for n in ("random", tiny_dir, "oracle") for e in envs.ENVS for s in (123, 124) for k in (0, 1)}
+    first = episodes[0]
+    assert first["messages"][0]["role"] == "system" and first["turns"][0]["state_before"]
+    assert "| random |" in (out / "report.md").read_text()
+    # another sampling seed, other episodes (the puzzles stay the same)
+    other, _ = run(tmp_path / "c", capsys, *argv[:-2], "--max-response-tokens", "8", "--seed", "1")
+    assert [r["name"] for r in other] == [r["name"] for r in rows]
+    assert (tmp_path / "c" / "out" / "episodes.jsonl").read_text() != (out / "episodes.jsonl").read_text()
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, before any work
+
+def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
+    no_template = tmp_path / "no_template"
+    shutil.copytree(tiny_dir, no_template)
+    os.remove(no_template / "chat_template.jinja")
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    cases = {
+        "invalid choice: 'chess'": ["--env", "chess", "--policy", "random"],
+        "no checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path / "missing")],
+        "chat template": ["--env", "sokoban", "--policy", "random", "--model", str(no_template)],
+        "not a Hugging Face checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path)],
+        "nothing to evaluate": ["--env", "sokoban"],
+        "--k must be": ["--env", "sokoban", "--policy", "random", "--samples", "4", "--k", "8"],
+    }
+    for expected, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main([*argv, "--out", str(out)])
+        # argparse prints its message and exits 2; the checkpoint checks exit with the message
+        message = capsys.readouterr().err if exit_info.value.code == 2 else str(exit_info.value.code)
+        assert expected in message and len(message.strip().splitlines()) == 1, (expected, message)
+    assert not out.exists()  # nothing was written: every check ran before any work
+    # as a script: exactly one line on stderr, no traceback
+    procs = [subprocess.Popen([sys.executable, "evaluate.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             for argv in (cases["no checkpoint folder"], cases["invalid choice: 'chess'"], ["--help"])]
+    (_, missing), (_, chess), (help_text, _) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [1, 2, 0]
+    assert missing.strip() == f"error: no checkpoint folder {str(tmp_path / 'missing')!r}"
+    assert len(chess.strip().splitlines()) == 1 and "Traceback" not in chess
+    assert "--policy" in help_text and "pass@k" in help_text

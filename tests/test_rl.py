@@ -1,0 +1,371 @@
+"""rl.py: GAE, the PPO losses, log-prob recomputation, group filtering, an update's direction,
+resume, data parallelism and bad input."""
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import agent
+import rl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -----------------------------------------------------------------------------
+# GAE
+
+def reference_gae(rewards, values, mask, gamma, lam):
+    """The textbook recursion, one sequence at a time, on the list of masked positions."""
+    advantages = torch.zeros_like(values)
+    for row in range(values.shape[0]):
+        steps = [t for t in range(values.shape[1]) if mask[row, t]]
+        running = 0.0
+        for i in reversed(range(len(steps))):
+            t = steps[i]
+            next_value = values[row, steps[i + 1]] if i + 1 < len(steps) else 0.0
+            delta = rewards[row, t] + gamma * next_value - values[row, t]
+            running = delta + gamma * lam * running
+            advantages[row, t] = running
+    return advantages, (advantages + values) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.5, 1.0)])
+def test_gae_matches_a_reference_loop_on_multi_turn_masks(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    b, T = 6, 40
+    values = torch.randn(b, T, generator=g)
+    mask = torch.zeros(b, T)
+    for row in range(b):  # several assistant runs with prompt gaps between them, then padding
+        t = int(torch.randint(0, 4, (1,), generator=g))
+        while t < T - 8:
+            run = int(torch.randint(1, 6, (1,), generator=g))
+            mask[row, t:t + run] = 1
+            t += run + int(torch.randint(1, 5, (1,), generator=g))
+    rewards = torch.randn(b, T, generator=g) * mask
+    advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
+    expected_advantages, expected_returns = reference_gae(rewards, values, mask, gamma, lam)
+    assert torch.allclose(advantages, expected_advantages, atol=1e-5)
+    assert torch.allclose(returns, expected_returns, atol=1e-5)
+    assert (advantages[mask == 0] == 0).all()
+
+
+def test_gae_with_gamma_and_lambda_one_gives_the_return_minus_the_value():
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0]])
+    values = torch.tensor([[9.0, 0.2, 0.4, 9.0, 0.5, 9.0]])
+    advantages, returns = rl.gae(rewards, values, mask, 1.0, 1.0)
+    assert torch.allclose(advantages, torch.tensor([[0.0, 0.8, 0.6, 0.0, 0.5, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0]]))
+
+
+# -----------------------------------------------------------------------------
+# The losses on hand-computed tensors
+
+def test_policy_loss_clips_asymmetrically():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.9]))  # ratios 1.5, 0.5, 1.1, 0.9
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    loss, low, high = rl.policy_loss_terms(logp, old, adv, 0.2, 0.28)
+    # ratio 1.5, A>0: clipped at 1.28 -> -1.28 (bigger than -1.5); ratio 0.5, A<0: clipped at 0.8 -> 0.8
+    # ratio 1.1 and 0.9: inside the clip range, unclipped
+    assert torch.allclose(loss, torch.tensor([-1.28, 0.8, -2.2, 1.8]))
+    assert low.tolist() == [False, True, False, False]
+    assert high.tolist() == [True, False, False, False]
+
+
+def test_policy_loss_does_not_clip_a_move_against_the_advantage():
+    # ratio 0.5 with A>0 (the policy moved away from a good token): the unclipped term is larger, kept
+    loss, low, high = rl.policy_loss_terms(torch.log(torch.tensor([0.5])), torch.zeros(1), torch.ones(1), 0.2, 0.28)
+    assert torch.allclose(loss, torch.tensor([-0.5])) and not low.any() and not high.any()
+
+
+def test_value_loss_clips_around_the_old_value():
+    values, old, returns = torch.tensor([1.0, 0.1, 0.0]), torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
+    loss, clipped = rl.value_loss_terms(values, old, returns, 0.5)
+    # 1: moved 1.0 from old, clipped to 0.5: max(1^2, 0.5^2)/2 = 0.5 (the unclipped error is larger)
+    # 2: inside the clip: (0.1-1)^2/2; 3: no move: 1/2
+    assert torch.allclose(loss, torch.tensor([0.5, 0.405, 0.5]))
+    assert clipped.tolist() == [False, False, False]
+    loss, clipped = rl.value_loss_terms(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.5)
+    assert torch.allclose(loss, torch.tensor([0.5 * 1.5 ** 2])) and clipped.tolist() == [True]
+
+
+def test_kl_estimator_is_zero_at_equality_and_positive_otherwise():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    assert torch.allclose(rl.kl_terms(logp, logp), torch.zeros(3))
+    assert (rl.kl_terms(logp, logp + torch.tensor([0.3, -0.7, 1.0])) > 0).all()
+
+
+def test_token_logprobs_and_entropy_match_a_full_forward(tiny):
+    model, tokenizer = tiny
+    ids = torch.tensor([tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right"),
+                        tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right")[:-2] + [0, 0]])
+    attention = torch.ones_like(ids)
+    attention[1, -2:] = 0
+    where = torch.zeros_like(ids)
+    where[:, 5:-2] = 1
+    with torch.no_grad():
+        logp, entropy = rl.token_logprobs(model, ids, attention, where, with_entropy=True)
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), -1)
+    expected = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(logp[:, 1:][where[:, 1:].bool()], expected[where[:, 1:].bool()], atol=1e-5)
+    assert (logp[where == 0] == 0).all()
+    expected_entropy = -(full[:, :-1].exp() * full[:, :-1]).sum(-1)
+    assert torch.allclose(entropy[:, 1:][where[:, 1:].bool()], expected_entropy[where[:, 1:].bool()], atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Batches from rollouts
+
+def small_args(**overrides):
+    args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused"])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_recomputed_logprobs_equal_the_samplers(tiny, tiny_dir):
+    model, tokenizer = tiny
+    args = small_args(max_response_tokens=40, micro_batch_tokens=2000)
+    generator = torch.Generator().manual_seed(0)
+    policy = agent.model_policy(model, tokenizer, generator=generator)
+    episodes = agent.rollout(policy, tokenizer, "frozenlake", [10, 11], 3, **rl.rollout_kwargs(args))
+    batch, kept = rl.build_batch(episodes, tokenizer, args)
+    critic = rl.build_critic(tiny_dir, "cpu", 0)
+    rl.score_batch(model, critic, None, batch, args, torch.device("cpu"), rl.nullcontext())
+    action = batch["action"].bool()
+    assert action.sum() > 100
+    assert torch.allclose(batch["old_logprobs"][action], batch["sampler_logprobs"][action], atol=1e-4)
+    assert (batch["old_logprobs"][~action] == 0).all()
+
+
+def test_rewards_sit_on_the_last_token_or_on_each_turns_last_token(tiny):
+    model, tokenizer = tiny
+    responses = iter(["<observation></observation><prediction></prediction></think><answer>Up</answer>",
+                      "no format at all", "<observation></observation><prediction></prediction></think>"
+                      "<answer>Down || Left</answer>"] * 10)
+    policy = agent.text_policy(tokenizer, lambda ep: next(responses))
+    kwargs = dict(mode="worldmodel", instruction="short", max_turns=3, max_response_tokens=64,
+                  env_overrides={"slippery": False, "max_steps": 10})
+    episodes = agent.rollout(policy, tokenizer, "frozenlake", [10], 1, **kwargs)
+    ep = episodes[0]
+    batch, _ = rl.build_batch(episodes, tokenizer, small_args(turn_rewards=False))
+    nonzero = batch["rewards"][0].nonzero().squeeze(-1).tolist()
+    assert nonzero == [ep.turn_ends[-1]] and math.isclose(batch["rewards"][0, ep.turn_ends[-1]].item(), ep.score,
+                                                          abs_tol=1e-6)
+    batch, _ = rl.build_batch(episodes, tokenizer, small_args(turn_rewards=True))
+    for end, reward in zip(ep.turn_ends, ep.turn_rewards):
+        assert math.isclose(batch["rewards"][0, end].item(), reward, abs_tol=1e-6)
+    assert math.isclose(batch["rewards"].sum().item(), ep.score, abs_tol=1e-6)
+    # every reward position is an assistant token; the action mask is exactly the assistant tokens
+    assert batch["action"][0, :len(ep.tokens)].tolist() == ep.assistant_mask
+    assert (batch["action"][0][batch["rewards"][0] != 0] == 1).all()
+
+
+def test_worldmodel_reward_pays_exact_states_only(tiny):
+    _, tokenizer = tiny
+
+    def respond(ep):  # the true observation, a wrong prediction
+        return agent.replace_states("<observation></observation>go<prediction></prediction></think>"
+                                    "<answer>Right</answer>", ep.env.render("coords"), "?")
+    policy = agent.text_policy(tokenizer, respond)
+    episodes = agent.rollout(policy, tokenizer, "frozenlake", [10], 1, mode="worldmodel", instruction="short",
+                             max_turns=2, env_overrides={"slippery": False})
+    ep = episodes[0]
+    assert [rl.worldmodel_hits(t) for t in ep.turns] == [(True, False)] * len(ep.turns)
+    assert rl.episode_rewards(ep, 0.1) == pytest.approx([r + 0.1 for r in ep.turn_rewards])
+    assert rl.episode_rewards(ep, 0.0) == pytest.approx(ep.turn_rewards)
+
+
+def test_state_span_mask_covers_exactly_the_state_contents(tiny):
+    _, tokenizer = tiny
+    response = ("<observation>\nP___\n____\nPlayer (0,0); goal at (3,3).\n</observation>I will try Right."
+                "<prediction>\n_P__\n____\n</prediction></think><answer>Right</answer><|im_end|>")
+    tokens = tokenizer.encode(response, add_special_tokens=False)
+    mask = rl.state_span_mask(tokenizer, tokens)
+    masked = tokenizer.decode([t for t, m in zip(tokens, mask) if m])
+    kept = tokenizer.decode([t for t, m in zip(tokens, mask) if not m])
+    assert masked.replace("\n", "") == "P_______Player (0,0); goal at (3,3)._P______"
+    assert kept == "<observation></observation>I will try Right.<prediction></prediction></think>" \
+                   "<answer>Right</answer><|im_end|>"
+    # an unclosed span is not a state: nothing masked
+    tokens = tokenizer.encode("<observation>\nP___\n</think><answer>Up</answer>", add_special_tokens=False)
+    assert sum(rl.state_span_mask(tokenizer, tokens)) == 0
+
+
+def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
+    _, tokenizer = tiny
+    policy = agent.random_policy(tokenizer, random.Random(0), "worldmodel")
+    episodes = agent.rollout(policy, tokenizer, "sokoban", [10, 11], 2, mode="worldmodel", instruction="short")
+    with_states, _ = rl.build_batch(episodes, tokenizer, small_args())
+    without, _ = rl.build_batch(episodes, tokenizer, small_args(no_state_loss=True))
+    assert torch.equal(with_states["policy"], with_states["action"])
+    assert torch.equal(without["action"], with_states["action"])
+    dropped = (with_states["policy"] - without["policy"]).bool()
+    text = tokenizer.decode(with_states["ids"][0][dropped[0]])
+    grid = episodes[0].turns[0]["state_before"].replace("\n", "")
+    assert grid in text.replace("\n", "") and "<answer>" not in text and "</think>" not in text
+
+
+def fake_episode(group, score):
+    return types.SimpleNamespace(group=group, turn_rewards=[score], turns=[{"observation": None,
+                                                                          "prediction": None}])
+
+
+def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
+    scores = {0: [0, 0, 0, 0], 1: [1, 0, 1, 0], 2: [1, 1, 1, 1], 3: [0, 0, 0, 1], 4: [0.5, 0, 0, 0],
+              5: [1, 0, 0, 1], 6: [-1, 1, -1, 1], 7: [0, 0, 0, 0]}
+    episodes = [fake_episode(g, s) for g, ss in scores.items() for s in ss]
+    kept = rl.filter_groups(episodes, 0.25)
+    assert sorted({ep.group for ep in kept}) == [1, 6]  # std 1 (group 6), then 0.5 (1 and 5: the earlier)
+    assert len(kept) == 8
+    assert {ep.group for ep in rl.filter_groups(episodes, 0.5)} == {6, 1, 5, 3}
+    assert {ep.group for ep in rl.filter_groups(episodes, 0.01)} == {6}  # at least one group
+    assert len(rl.filter_groups(episodes, 1.0)) == len(episodes)
+
+
+# -----------------------------------------------------------------------------
+# An update moves the policy the right way
+
+def test_one_update_raises_the_probability_of_the_higher_advantage_response(tiny_dir):
+    model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+    critic = rl.build_critic(tiny_dir, "cpu", 0)
+    prompt = tokenizer.encode("<|im_start|>user\nTurn 1:\nState:\nP_G_\n<|im_end|>\n<|im_start|>assistant\n<think>",
+                              add_special_tokens=False)
+    good = tokenizer.encode("</think><answer>Right</answer><|im_end|>", add_special_tokens=False)
+    bad = tokenizer.encode("</think><answer>Left</answer><|im_end|>", add_special_tokens=False)
+    sequences = [prompt + good, prompt + bad] * 4
+    episodes = []
+    for i, seq in enumerate(sequences):
+        mask = [0] * len(prompt) + [1] * (len(seq) - len(prompt))
+        episodes.append(types.SimpleNamespace(tokens=seq, assistant_mask=mask, logprobs=[0.0] * len(seq),
+                                              turn_ends=[len(seq) - 1], turn_rewards=[1.0 if i % 2 == 0 else 0.0],
+                                              turns=[{"observation": None, "prediction": None}]))
+    args = small_args(actor_lr=1e-3, critic_lr=1e-3, mini_batch=8, entropy_coef=0.0)
+    batch, _ = rl.build_batch(episodes, tokenizer, args)
+    device = torch.device("cpu")
+
+    def response_logprob():
+        with torch.no_grad():
+            logp, _ = rl.token_logprobs(model, batch["ids"], batch["attention"], batch["action"])
+        return logp.sum(-1)
+    before = response_logprob()
+    rl.score_batch(model, critic, None, batch, args, device, rl.nullcontext())
+    assert (batch["advantages"][0::2].sum(-1) > 0).all() and (batch["advantages"][1::2].sum(-1) < 0).all()
+    actor_opt = torch.optim.AdamW(model.parameters(), lr=args.actor_lr)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    stats = rl.update(model, critic, actor_opt, critic_opt, batch, args, 1, device, rl.nullcontext(), 0)
+    after = response_logprob()
+    assert (after[0::2] > before[0::2]).all()  # the rewarded answer became more likely
+    assert (after[1::2] < before[1::2]).all()  # the other less
+    assert stats["optimizer_steps"] == 1 and stats["policy_tokens"] == batch["action"].sum()
+    # and the critic moved its values toward the returns
+    with torch.no_grad():
+        values = rl.token_values(critic, batch["ids"], batch["attention"], batch["action"])
+    action = batch["action"].bool()
+    assert ((values[action] - batch["returns"][action]) ** 2).mean() < \
+           ((batch["values"][action] - batch["returns"][action]) ** 2).mean()
+
+
+# -----------------------------------------------------------------------------
+# The script: resume, data parallelism, bad input
+
+def tiny_run(tiny_dir, out, *extra):
+    return ["--env", "frozenlake", "--preset", "tiny", "--model", tiny_dir, "--out", str(out), "--steps", "2",
+            "--env-groups", "4", "--group-size", "4", "--keep-groups", "0.5", "--mini-batch", "4",
+            "--val-puzzles", "2", "--val-samples", "2", "--val-every", "0", "--max-response-tokens", "24",
+            "--actor-lr", "1e-3", "--critic-lr", "1e-3", *extra]
+
+
+def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+    straight = rl.main(tiny_run(tiny_dir, tmp_path / "a"))
+
+    original = agent.append_jsonl
+
+    def interrupt(path, row):
+        original(path, row)
+        if row.get("step") == 2 and "train/reward" in row:  # after step 1's save, before step 2's
+            raise KeyboardInterrupt
+    monkeypatch.setattr(agent, "append_jsonl", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        rl.main(tiny_run(tiny_dir, tmp_path / "b", "--save-every", "1"))
+    monkeypatch.setattr(agent, "append_jsonl", original)
+    resumed = rl.main(tiny_run(tiny_dir, tmp_path / "b", "--save-every", "1"))
+
+    def rows(run):
+        lines = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in lines]
+    assert rows("a") == rows("b")
+    assert [r["step"] for r in rows("b")] == [0, 1, 2, 2]
+    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    for part in ("actor", "critic"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert straight == {**resumed, "checkpoint": straight["checkpoint"]}
+    assert os.path.isfile(tmp_path / "a" / "model" / "model.safetensors")
+    reloaded, _ = agent.load_model(str(tmp_path / "a" / "model"), device="cpu")
+    assert all(torch.equal(p, a["actor"][k]) for k, p in reloaded.state_dict().items() if k in a["actor"])
+
+
+def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               os.path.join(ROOT, "rl.py"), *tiny_run(tiny_dir, tmp_path / "ddp")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ranks_in_sync"] is True and summary["step"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    train = [r for r in rows if "train/reward" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["train/kept_episodes"] == 8 for r in train)  # 2 of 4 groups x 4 samples, over both ranks
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "rl.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
+    result = run_cli("--env", "chess", "--out", str(tmp_path))
+    assert result.returncode == 2 and "invalid choice: 'chess'" in result.stderr
+    result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--env-overrides", '{"slipery": false}')
+    assert result.returncode == 2 and "--env-overrides" in result.stderr and "slipery" in result.stderr
+    result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--worldmodel-reward", "0.1")
+    assert result.returncode == 2 and "--mode worldmodel" in result.stderr
+    result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--model", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "error: cannot load" in result.stderr and "Traceback" not in result.stderr
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    (out / "train_state.pt").write_bytes(b"not a checkpoint")
+    result = run_cli(*tiny_run(tiny_dir, out))
+    assert result.returncode == 1 and "cannot resume from" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_memory_plan_of_the_paper_configuration():
+    from transformers import Qwen2Config
+    config = Qwen2Config(**agent.ARCHITECTURES["qwen2.5-1.5b"])
+    args = rl.parse_args(["--env", "sokoban", "--out", "unused"])
+    n = 1_543_714_304
+    plan = rl.memory_plan(n, config, args, torch.device("cuda"), 1)
+    assert plan["weights (actor + critic, fp32)"] == pytest.approx(2 * 4 * n / 1e9, abs=0.01)
+    assert plan["sampler copy + reference"] == pytest.approx(2 * n / 1e9, abs=0.01)  # no reference at --kl-coef 0
+    # 256 sequences x 3600 tokens x 28 layers x K and V x 2 heads x 128 x 2 bytes
+    assert plan["kv cache (rollout)"] == pytest.approx(256 * 3600 * 28 * 2 * 2 * 128 * 2 / 1e9, abs=0.01)
+    assert plan["rollout phase"] == pytest.approx(26 * n / 1e9 + plan["kv cache (rollout)"], abs=0.02)
+    offloaded = rl.memory_plan(n, config, rl.parse_args(["--env", "sokoban", "--out", "x", "--offload-optimizer"]),
+                               torch.device("cuda"), 1)
+    assert offloaded["rollout phase"] == pytest.approx(plan["rollout phase"] - 16 * n / 1e9, abs=0.02)
+    assert offloaded["update phase (+ activations)"] == plan["update phase (+ activations)"]
+    assert rl.memory_plan(n, config, args, torch.device("cuda"), 2)["kv cache (rollout)"] == \
+        pytest.approx(plan["kv cache (rollout)"] / 2, abs=0.01)
