@@ -652,7 +652,8 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
             keep = live.nonzero().squeeze(-1)
             keep_device = keep.to(device)
             cache.batch_select_indices(keep_device)
-            token, attention_mask, next_position = token[keep_device], attention_mask[keep_device], next_position[keep_device]
+            token, attention_mask = token[keep_device], attention_mask[keep_device]
+            next_position = next_position[keep_device]
             rows = [rows[i] for i in keep.tolist()]
             live, budget_left = live[keep], budget_left[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)

@@ -51,14 +51,16 @@ from evaluate import pass_at_k
 
 PRESETS = {
     # SPEC §5: the reference configuration, Qwen2.5-1.5B-Instruct
-    "paper": dict(model=agent.DEFAULT_MODEL, mode="base", instruction="full", env_groups=32, group_size=8, steps=200,
+    "paper": dict(model=agent.DEFAULT_MODEL, mode="base", state_loss=True, instruction="full", env_groups=32,
+                  group_size=8, steps=200,
                   actor_lr=1e-6, critic_lr=1e-5, mini_batch=64, micro_batch_tokens=8192, max_response_tokens=400,
                   max_context_tokens=3600, val_puzzles=64, val_samples=8),
     # a laptop CPU: the tiny model, the world-model prompt its SFT was trained on, its short
     # instruction, small batches, larger learning rates (2e-4 learnt a one-move bandit in 20 steps;
-    # 5e-4 and above broke the format within 10)
-    "tiny": dict(model=None, mode="worldmodel", instruction="short", env_groups=16, group_size=8, steps=50,
-                 actor_lr=2e-4, critic_lr=1e-3, mini_batch=32, micro_batch_tokens=8192,
+    # 5e-4 and above broke the format within 10), and the states out of the policy loss (with them
+    # in, 20 steps on FrozenLake took format validity from 0.93 to 0.60; without, it stayed 0.95)
+    "tiny": dict(model=None, mode="worldmodel", state_loss=False, instruction="short", env_groups=16,
+                 group_size=8, steps=50, actor_lr=2e-4, critic_lr=1e-3, mini_batch=32, micro_batch_tokens=8192,
                  max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS, max_context_tokens=1024,
                  val_puzzles=32, val_samples=8),
 }
@@ -95,8 +97,9 @@ def parse_args(argv=None):
     p("--worldmodel-reward", type=float, default=0.0,
       help="online world-model RL: this bonus per turn for an exact <observation> and again for an exact "
            "<prediction> (needs --mode worldmodel)")
-    p("--no-state-loss", action="store_true",
-      help="leave the <observation>/<prediction> contents out of the policy loss (SFT learnt the states)")
+    p("--state-loss", action=argparse.BooleanOptionalAction,
+      help="--no-state-loss leaves the <observation>/<prediction> contents out of the policy loss: SFT learnt the "
+           "states, PPO learns the actions (tiny preset's default: with them in, PPO wore the format down)")
     # PPO
     p("--steps", type=int, help="PPO steps")
     p("--ppo-epochs", type=int, default=1, help="passes over each step's batch")
@@ -289,7 +292,7 @@ def build_batch(episodes, tokenizer, args):
         batch["action"][row, :length] = torch.tensor(ep.assistant_mask)
         batch["sampler_logprobs"][row, :length] = torch.tensor(ep.logprobs)
         policy = list(ep.assistant_mask)
-        if args.no_state_loss:
+        if not args.state_loss:
             for first, last in turn_spans(ep.assistant_mask):
                 for i, m in enumerate(state_span_mask(tokenizer, ep.tokens[first:last + 1])):
                     policy[first + i] &= 1 - m
@@ -614,9 +617,9 @@ def main(argv=None):
     except agent.ModelLoadError as e:
         raise SystemExit(f"error: {e}") from None
     reference = agent.load_model(model_path, device=device)[0].requires_grad_(False) if args.kl_coef > 0 else None
-    if args.grad_checkpointing:
-        actor.gradient_checkpointing_enable()
-        critic["backbone"].gradient_checkpointing_enable()
+    if args.grad_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
+        for model in (actor, critic["backbone"]):
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     dtype = sampler_dtype(args, device)
     sampler = actor if dtype == torch.float32 else agent.load_model(model_path, device=device, dtype=dtype)[0]
     n_params = sum(p.numel() for p in actor.parameters())

@@ -6,8 +6,9 @@ true current state (grid + coordinates) and <prediction> the true state after th
 actions (grid); the model is then finetuned on those turns with cross entropy on the response.
 
     python worldmodel_sft.py --env frozenlake --preset tiny --out runs/sft-frozenlake    # CPU, minutes
-    python worldmodel_sft.py --env sokoban --out runs/sft-sokoban                        # Qwen2.5-1.5B-Instruct, one GPU
-    python worldmodel_sft.py --env sokoban --data runs/sft-sokoban/dataset.jsonl --loss-spans no-states --out runs/ablation
+    python worldmodel_sft.py --env sokoban --out runs/sft-sokoban             # Qwen2.5-1.5B-Instruct, one GPU
+    python worldmodel_sft.py --env sokoban --data runs/sft-sokoban/dataset.jsonl --loss-spans no-states \\
+        --out runs/ablation
 
 The run folder gets dataset.jsonl (every example, inspectable), metrics.jsonl, run_config.json,
 train_state.pt (resume: run the same command again), model/ (the final Hugging Face checkpoint,
@@ -163,12 +164,15 @@ def read_dataset(path):
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{number} is not valid JSON ({e.msg}); the dataset is corrupt") from None
+                raise SystemExit(f"error: {path}:{number} is not valid JSON ({e.msg}); the dataset is corrupt") \
+                    from None
             missing = [k for k in REQUIRED_KEYS if not isinstance(example, dict) or k not in example]
             if missing:
-                raise SystemExit(f"error: {path}:{number} lacks {', '.join(missing)}; not a dataset written by this script")
+                raise SystemExit(f"error: {path}:{number} lacks {', '.join(missing)}; "
+                                 f"not a dataset written by this script")
             if example["env"] not in envs.ENVS or example["split"] not in ("train", "heldout"):
-                raise SystemExit(f"error: {path}:{number}: unknown env {example['env']!r} or split {example['split']!r}")
+                raise SystemExit(f"error: {path}:{number}: unknown env {example['env']!r} "
+                                 f"or split {example['split']!r}")
             examples.append(example)
     if not examples:
         raise SystemExit(f"error: dataset {path!r} is empty")

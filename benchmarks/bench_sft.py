@@ -81,7 +81,8 @@ def main():
                                             dtype=torch.float32)
     encoded = self_play_sequences(tokenizer, args.episodes, seed=0)
     log(f"{len(encoded)} conversations, {sum(len(e[0]) for e in encoded)} tokens")
-    tokens_per_s, padding, _ = measure(model, encoded, args.steps, args.batch_size, 8192, device, tokenizer.pad_token_id)
+    tokens_per_s, padding, _ = measure(model, encoded, args.steps, args.batch_size, 8192, device,
+                                       tokenizer.pad_token_id)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "tokens_per_s": round(tokens_per_s, 1), "padding_share": round(padding, 4),
                "steps": args.steps, "batch_size": args.batch_size}

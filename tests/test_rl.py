@@ -204,8 +204,8 @@ def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
     _, tokenizer = tiny
     policy = agent.random_policy(tokenizer, random.Random(0), "worldmodel")
     episodes = agent.rollout(policy, tokenizer, "sokoban", [10, 11], 2, mode="worldmodel", instruction="short")
-    with_states, _ = rl.build_batch(episodes, tokenizer, small_args())
-    without, _ = rl.build_batch(episodes, tokenizer, small_args(no_state_loss=True))
+    with_states, _ = rl.build_batch(episodes, tokenizer, small_args(state_loss=True))
+    without, _ = rl.build_batch(episodes, tokenizer, small_args(state_loss=False))
     assert torch.equal(with_states["policy"], with_states["action"])
     assert torch.equal(without["action"], with_states["action"])
     dropped = (with_states["policy"] - without["policy"]).bool()
@@ -369,3 +369,19 @@ def test_memory_plan_of_the_paper_configuration():
     assert offloaded["update phase (+ activations)"] == plan["update phase (+ activations)"]
     assert rl.memory_plan(n, config, args, torch.device("cuda"), 2)["kv cache (rollout)"] == \
         pytest.approx(plan["kv cache (rollout)"] / 2, abs=0.01)
+
+
+def test_every_switch_runs_end_to_end(tiny_dir, tmp_path):
+    """KL to a reference, turn-level rewards, the online world-model reward, the state mask, two PPO
+    epochs, gradient checkpointing, optimiser offload and a bf16 sampler copy, together."""
+    summary = rl.main(tiny_run(tiny_dir, tmp_path / "all", "--kl-coef", "0.05", "--turn-rewards",
+                               "--worldmodel-reward", "0.1", "--no-state-loss", "--ppo-epochs", "2",
+                               "--grad-checkpointing", "--offload-optimizer", "--rollout-dtype", "bf16"))
+    rows = [json.loads(line) for line in open(tmp_path / "all" / "metrics.jsonl")]
+    train = [r for r in rows if "train/reward" in r]
+    assert [r["step"] for r in train] == [1, 2] and summary["step"] == 2
+    assert train[-1]["actor/kl_ref"] > 0  # the policy moved away from the reference in step 1
+    assert all(math.isfinite(v) for r in train for v in r.values() if isinstance(v, float))
+    assert train[0]["actor/sampler_logprob_gap"] > 1e-4  # bf16 sampling vs the fp32 training forward
+    config = json.load(open(tmp_path / "all" / "run_config.json"))
+    assert config["memory_plan_gb"]["sampler copy + reference"] > 0

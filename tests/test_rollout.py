@@ -57,7 +57,8 @@ def test_base_mode_turn_text_and_reward_formatting():
     assert text == ("Reward:\n-0.3\nTurn 3:\nState:\nP_\n_G\nYou have 7 actions left. Always output: <think> "
                     "[Your thoughts] </think> <answer> [your answer] </answer> with no extra text. Strictly "
                     "follow this format. Max response length: 400 words (tokens).")
-    assert [agent.format_reward(r) for r in (-0.0, 0.0, 1.0, 10.9, -1.1, 0.1 + 0.2)] == ["0", "0", "1", "10.9", "-1.1", "0.3"]
+    rewards = (-0.0, 0.0, 1.0, 10.9, -1.1, 0.1 + 0.2)
+    assert [agent.format_reward(r) for r in rewards] == ["0", "0", "1", "10.9", "-1.1", "0.3"]
 
 
 def test_instructions_name_every_symbol_and_action_of_their_env():

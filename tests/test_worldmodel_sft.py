@@ -70,7 +70,8 @@ def test_substitution_invalid_actions_broken_turns_and_history(tiny):
     examples = sft.examples_from_episodes([ep])
     assert [ex["turn"] for ex in examples] == [1, 3]
     first, third = examples
-    assert first["executed"] == ["Right", "Right"] and states(first["response"])[1] == "#######\n#__P__#\n#___XO#\n#######"
+    assert first["executed"] == ["Right", "Right"]
+    assert states(first["response"])[1] == "#######\n#__P__#\n#___XO#\n#######"
     # turn 2 ran nothing (broken format), so turn 3 starts where turn 1 ended
     assert third["observation"].startswith("#######\n#__P__#") and third["history"] == [["Right", "Right"], []]
     assert states(third["response"]) == (third["observation"], "#######\n#_____#\n#__PXO#\n#######")
