@@ -17,7 +17,9 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 
 import torch
@@ -225,6 +227,24 @@ def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face Hub answers a TCP connection. Without a network the Hub client
+    retries for about a minute before it gives up; asking first lets a model id fail in seconds."""
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except (OSError, TypeError):  # no DNS, no route, refused, timed out; TypeError: no hostname
+        return False
+
+
+def _local_files_only(name_or_path):
+    """A folder never needs the Hub; a model id goes to the Hub only when it answers (else the
+    local cache alone is tried, which fails at once when the id is not there)."""
+    return os.path.isdir(name_or_path) or not hub_reachable()
+
+
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     try:
@@ -235,7 +255,8 @@ def load_tokenizer(name_or_path):
             # loaded from its tokenizer.json exactly as saved.
             tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False,
+                                                      local_files_only=_local_files_only(name_or_path))
     except Exception as e:  # OSError (missing / offline), ValueError, json or safetensors errors (corrupt)
         raise ModelLoadError(_load_failure(name_or_path, "tokenizer", e)) from e
     if not getattr(tokenizer, "chat_template", None):
@@ -260,7 +281,8 @@ def load_model(name_or_path, device=None, dtype=None):
     tokenizer = load_tokenizer(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa",
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False,
+                                                     local_files_only=_local_files_only(name_or_path))
     except Exception as e:  # as in load_tokenizer: re-raised below with what to do about it
         raise ModelLoadError(_load_failure(name_or_path, "model", e)) from e
     return model.to(device).eval(), tokenizer

@@ -647,7 +647,9 @@ def _frozenlake_turn_dp(size, holes, goal, slippery, budget, max_turns, max_acti
         W[t, b, s] = max over L <= min(K, b), seq in A^L of  sum_s' D_seq[s, s'] W[t-1, b-L, s']
     with W[0, b] = W[t, 0] = 1{goal}. All 4 + 16 + ... + 4^K sequence matrices are built once.
     Returns W (max_turns+1, budget+1, S) and, for the arg-max plan of each (t, b, s), its length
-    and its index among the 4^L sequences in base 4 (first action = most significant digit).
+    and its index among the 4^L sequences in base 4 (first action = most significant digit); among
+    plans of equal value the one that wins in fewer turns (in expectation, discounted), then the
+    shortest.
     """
     T = _frozenlake_transitions(size, holes, goal, slippery)
     S = size * size
@@ -656,22 +658,29 @@ def _frozenlake_turn_dp(size, holes, goal, slippery, budget, max_turns, max_acti
         seq_mats.append((seq_mats[-1][:, None] @ T[None]).reshape(-1, S, S))  # (4^L, 4, S, S)
     W = np.zeros((max_turns + 1, budget + 1, S))
     W[:, :, goal] = 1.0
+    W_fast = W.copy()  # the chosen plans' success discounted by 1/2 per turn: the tie-break among plans of equal W
     best_len = np.zeros((max_turns + 1, budget + 1, S), dtype=np.int64)  # arg-max sequence length
     best_seq = np.zeros((max_turns + 1, budget + 1, S), dtype=np.int64)  # and its base-4 index
     terminal = [goal, *holes]
     for t in range(1, max_turns + 1):
         for b in range(1, budget + 1):
-            best = np.full(S, -1.0)
+            best, best_soon = np.full(S, -1.0), np.full(S, -1.0)
             for L in range(1, min(max_actions_per_turn, b) + 1):
                 values = seq_mats[L - 1] @ W[t - 1, b - L]  # (4^L, S)
-                idx = values.argmax(axis=0)  # (S,)
-                top = values[idx, np.arange(S)]
-                better = top > best + 1e-12  # ties go to the shorter sequence
-                best = np.where(better, top, best)
+                soon = seq_mats[L - 1] @ W_fast[t - 1, b - L]
+                # among the sequences of best value, the one that wins in the fewest turns: with turns
+                # to spare a detour is worth as much, and an oracle that dawdles is a poor reference
+                top = values.max(axis=0)
+                idx = np.where(values >= top - 1e-12, soon, -1.0).argmax(axis=0)  # (S,)
+                top_soon = soon[idx, np.arange(S)]
+                # ties (in value, then in speed) go to the shorter sequence
+                better = (top > best + 1e-12) | ((top > best - 1e-12) & (top_soon > best_soon + 1e-12))
+                best, best_soon = np.where(better, top, best), np.where(better, top_soon, best_soon)
                 best_len[t, b] = np.where(better, L, best_len[t, b])
                 best_seq[t, b] = np.where(better, idx, best_seq[t, b])
             best[terminal] = W[t, b, terminal]
             W[t, b] = best
+            W_fast[t, b] = np.where(np.isin(np.arange(S), terminal), W_fast[t, b], 0.5 * best_soon)
     for table in (W, best_len, best_seq):
         table.setflags(write=False)
     return W, best_len, best_seq

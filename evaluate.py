@@ -95,6 +95,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=8, help="episodes per puzzle (n of pass@k)")
     parser.add_argument("--k", type=int, default=8, help="largest k of pass@k (1, 2, 4, ... up to it)")
     parser.add_argument("--val-seed-start", type=int, default=123, help="first validation puzzle seed (SPEC §3)")
+    parser.add_argument("--env-overrides", type=json.loads, default={},
+                        help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' (as in rl.py)')
     # prompts and sampling (unset: the checkpoint's run_config.json, else the paper's settings)
     parser.add_argument("--mode", choices=agent.MODES, help="prompt format: worldmodel or base")
     parser.add_argument("--render", choices=envs.RENDER_MODES, help="state shown in the prompt: coords or grid")
@@ -115,6 +117,13 @@ def parse_args(argv=None):
         parser.error("--max-response-tokens must be >= 1")
     if not args.model and not args.policy:
         parser.error("nothing to evaluate: give --model PATH and/or --policy random|oracle")
+    if args.env_overrides and args.all_envs:
+        parser.error("--env-overrides applies to one env: give --env, not --all-envs")
+    if args.env_overrides:
+        try:
+            envs.make(args.env, **args.env_overrides)
+        except (TypeError, ValueError) as e:
+            parser.error(f"--env-overrides {json.dumps(args.env_overrides)}: {e}")
     args.model = list(dict.fromkeys(args.model))  # each checkpoint once
     return args
 
@@ -176,11 +185,11 @@ def oracle_policy(tokenizer, mode):
         ep.env, oracle_plan(ep.env, agent.MAX_TURNS - len(ep.turns)), mode))
 
 
-def exact_success(env_name, policy, seeds):
+def exact_success(env_name, policy, seeds, env_overrides=None):
     """Mean exact success probability of a reference policy over the puzzles; None where unknown."""
     values = []
     for seed in seeds:
-        env = envs.make(env_name)
+        env = envs.make(env_name, **(env_overrides or {}))
         env.reset(seed)
         if env_name == "frozenlake" and policy == "random":
             values.append(env.random_success(random_plan_lengths(), max_turns=agent.MAX_TURNS))
@@ -379,11 +388,11 @@ def main(argv=None):
                     episodes += agent.rollout(
                         policy, tokenizer, env_name, seeds[i:i + args.batch_puzzles], args.samples,
                         mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
-                        max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens)
-                row = {"name": name, "env": env_name,
-                       **summarize(episodes, ks, settings["mode"], args.seed),
-                       "exact_success": exact_success(env_name, name, seeds) if path is None else None,
-                       "settings": settings}
+                        max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens,
+                        env_overrides=args.env_overrides)
+                exact = exact_success(env_name, name, seeds, args.env_overrides) if path is None else None
+                row = {"name": name, "env": env_name, **summarize(episodes, ks, settings["mode"], args.seed),
+                       "exact_success": exact, "settings": settings}
                 if path is None and row["truncated"]:
                     tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token "
                                f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "

@@ -423,6 +423,27 @@ def test_frozenlake_oracle_policy_achieves_its_probability():
     assert abs(wins / n - exact) < 5 * math.sqrt(exact * (1 - exact) / n)
 
 
+def test_frozenlake_oracle_takes_the_direct_route_among_equal_plans():
+    # with turns to spare a detour is worth as much as the direct move; the oracle must not dawdle
+    env = envs.make("frozenlake", desc=["____", "_PG_", "____", "____"], slippery=False)
+    env.reset(0)
+    assert env.oracle_actions(5) == ["Right"]
+    env = envs.make("frozenlake", desc=["____", "____", "POOG", "___O"], slippery=False)
+    env.reset(0)
+    assert env.oracle_actions(5) == ["Up", "Right", "Right", "Right", "Down"]
+    # shortest optimal plans everywhere on non-slippery maps: the oracle's actions = BFS distance
+    for seed in range(50):
+        env = envs.make("frozenlake", slippery=False)
+        env.reset(seed)
+        shortest, actions = len(env.shortest_path()), 0
+        for turns_left in range(5, 0, -1):
+            for a in env.oracle_actions(turns_left):
+                if not env.done:
+                    env.step(a)
+                    actions += 1
+        assert env.done and actions == shortest, seed
+
+
 def test_frozenlake_outcome_distribution():
     desc = ["P__O", "_O__", "____", "O__G"]
     env = envs.make("frozenlake", desc=desc)

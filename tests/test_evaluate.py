@@ -139,6 +139,23 @@ def test_oracle_is_perfect_on_sokoban_and_sudoku(tmp_path, capsys, env_name):
     assert r["prediction_exact"] is None
 
 
+def test_env_overrides_reach_the_puzzles_and_the_exact_values(tmp_path, capsys):
+    # one fixed non-slippery map, goal one move to the right: the oracle always wins in one action,
+    # the random policy wins exactly when its first action is Right (the others move it off or stay)
+    overrides = {"slippery": False, "desc": ["____", "_PG_", "____", "____"]}
+    rows, out = run(tmp_path, capsys, "--env", "frozenlake", "--policy", "random", "--policy", "oracle",
+                    "--puzzles", "64", "--samples", "4", "--k", "4", "--env-overrides", json.dumps(overrides))
+    oracle, rand = row(rows, "oracle"), row(rows, "random")
+    assert oracle["pass@1"] == oracle["exact_success"] == 1.0 and oracle["actions"] == 1.0
+    env = envs.make("frozenlake", **overrides)
+    env.reset(0)
+    assert rand["exact_success"] == pytest.approx(env.random_success(ev.random_plan_lengths()), abs=1e-4)
+    assert abs(rand["pass@1"] - rand["exact_success"]) < 0.1
+    episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
+    assert {e["messages"][1]["content"].split("State:\n")[1][:19] for e in episodes} == {"____\n_PG_\n____\n____"}
+    assert json.load(open(out / "report.json"))["config"]["env_overrides"] == overrides
+
+
 # -----------------------------------------------------------------------------
 # World-model accuracy
 
@@ -247,6 +264,8 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
         "not a Hugging Face checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path)],
         "nothing to evaluate": ["--env", "sokoban"],
         "--k must be": ["--env", "sokoban", "--policy", "random", "--samples", "4", "--k", "8"],
+        "--env-overrides": ["--env", "frozenlake", "--policy", "random", "--env-overrides", '{"colour": 1}'],
+        "not --all-envs": ["--all-envs", "--policy", "random", "--env-overrides", '{"slippery": false}'],
     }
     for expected, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import socket
 
 import pytest
 import torch
@@ -100,6 +101,26 @@ def test_load_errors_are_clear(tmp_path, tiny_dir):
     empty.mkdir()
     with pytest.raises(agent.ModelLoadError, match="cannot load"):
         agent.load_model(str(empty))
+
+
+def test_a_model_id_fails_fast_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):
+    # the Hub client retries for about a minute offline; we ask whether it answers first, and
+    # without an answer only the local cache is tried
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert agent.hub_reachable()
+        assert not agent._local_files_only("org/model")
+    # the same port, closed now: refused
+    assert not agent.hub_reachable()
+    assert agent._local_files_only("org/model") and agent._local_files_only(str(tmp_path))
+    seen = []
+    monkeypatch.setattr(agent, "hub_reachable", lambda timeout=3.0: seen.append(timeout) or False)
+    with pytest.raises(agent.ModelLoadError, match="Hugging Face Hub could not provide it"):
+        agent.load_model("org/not-in-the-cache")
+    assert seen
 
 
 def test_random_models_have_the_real_shapes():

@@ -190,6 +190,14 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-5
 
 
+def test_presets_resolve_per_env_values_and_flags_win():
+    lrs = {env: sft.parse_args(["--env", env, "--preset", "tiny", "--out", "x"]).lr for env in envs.ENVS}
+    assert lrs == sft.PRESETS["tiny"]["lr"] and set(lrs) == set(envs.ENVS)
+    args = sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--lr", "5e-4", "--epochs", "3"])
+    assert (args.lr, args.epochs, args.batches) == (5e-4, 3, sft.PRESETS["tiny"]["batches"])
+    assert sft.parse_args(["--env", "sokoban", "--out", "x"]).lr == sft.PRESETS["paper"]["lr"]
+
+
 def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
     model, tokenizer = agent.load_model(tiny_dir, device="cpu")
     episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(2), "worldmodel"), tokenizer, "frozenlake",
