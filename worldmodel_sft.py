@@ -55,6 +55,7 @@ PRESETS = {
                  max_train_tokens=6e6, micro_batch_tokens=8192, eval_turns=200),
 }
 LOSS_SPANS = ("all", "states", "no-states")
+STATE_TARGETS = ("true", "shuffled")
 
 
 def parse_args(argv=None):
@@ -79,6 +80,10 @@ def parse_args(argv=None):
     # SFT
     parser.add_argument("--loss-spans", default="all", choices=LOSS_SPANS,
                         help="response tokens that carry loss: all, only the states, or all but the states")
+    parser.add_argument("--state-targets", default="true", choices=STATE_TARGETS,
+                        help="states the training responses hold: the truth, or the states of other random "
+                             "training turns (the format without the world model: the vanilla baseline at tiny "
+                             "scale, see README)")
     parser.add_argument("--pack", action="store_true",
                         help="one sequence per episode, loss on all its turns (same loss, less compute; "
                              "the tiny model learned to copy states far more slowly this way, see README)")
@@ -103,6 +108,9 @@ def parse_args(argv=None):
             setattr(args, key, value[args.env] if isinstance(value, dict) else value)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or not 0 <= args.warmup < 1:
         parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0 and 0 <= --warmup < 1")
+    if args.state_targets == "shuffled" and args.pack:
+        parser.error("--state-targets shuffled does not combine with --pack (later turns' prompts hold the true "
+                     "states)")
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
     try:
@@ -150,6 +158,22 @@ def examples_from_episodes(episodes, heldout_every=5):
                 messages.append(ep.messages[2 * k + 3])
             history.append(turn["executed"])
     return examples
+
+
+def shuffled_states(examples, rng):
+    """The examples with the states in their responses taken from other examples, at random (one
+    permutation of all of them): every response keeps its form, thoughts and actions, and holds a
+    well-formed observation and prediction that say nothing about its own puzzle. Trained on with
+    the loss on every token, a model learns to write the world-model format without learning the
+    world model -- what `--loss-spans no-states` means for an instruction-tuned model, which writes
+    plausible states of its own in the spans the loss leaves out. A tiny model learns nothing there
+    at all: after <observation> it never learns to write a state, nor when to close one. The
+    "observation"/"prediction" fields keep the truth (evaluation scores against them)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [{**ex, "response": agent.replace_states(ex["response"], examples[j]["observation"],
+                                                    examples[j]["prediction"])}
+            for ex, j in zip(examples, order)]
 
 
 REQUIRED_KEYS = ("env", "seed", "sample", "turn", "split", "messages", "response", "observation", "prediction",
@@ -496,6 +520,8 @@ def main(argv=None):
     heldout = [ex for ex in examples if ex["split"] == "heldout"]
     if not train:
         raise SystemExit("error: no training turns (every turn broke the format?)")
+    if args.state_targets == "shuffled":  # held-out turns keep the truth: they measure the world model
+        train = shuffled_states(train, random.Random(f"{args.seed}-states"))
 
     # 3. tokenise: one sequence per turn, or per episode with --pack; drop what does not fit
     sequences = conversations(train) if args.pack else [[ex] for ex in train]
@@ -571,7 +597,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     chosen = rng.sample(heldout, min(args.eval_turns, len(heldout))) if heldout else []
     summary, records = evaluate_world_model(model, tokenizer, chosen, args.max_response_tokens)
-    summary.update(env=args.env, loss_spans=args.loss_spans, steps=step)
+    summary.update(env=args.env, loss_spans=args.loss_spans, state_targets=args.state_targets, steps=step)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
     agent.write_jsonl(os.path.join(args.out, "eval_samples.jsonl"), records)

@@ -8,8 +8,13 @@ from a fresh tiny model, on this machine's CPU, in one command.
 Three arms that differ only in the switch under study, with the same self-play data, the same
 number of PPO steps and the same episodes per step (same puzzle seeds):
   spa      self-play SFT with the loss on every response token, the states included -> PPO
-  vanilla  SFT on the same data with the state spans masked out of the loss (the model learns the
-           format and the actions, as an instruct model would know them) -> PPO
+  vanilla  SFT on the same data with states that say nothing about the puzzle (`--state-targets
+           shuffled`: every response holds the states of another random turn) -> PPO. The model
+           learns the format and the actions, as an instruct model would know them, and writes
+           states it does not know. (The paper's ablation masks the states out of the loss; an
+           instruct model still writes plausible states in the unmasked format. A tiny model
+           learns nothing in a masked span -- not even to close it -- so `--loss-spans no-states`
+           left it format-invalid in every episode, scoring -0.5 each, and PPO had no signal.)
   online   vanilla's SFT checkpoint -> PPO rewarding exact <observation>/<prediction> online
            (--worldmodel-reward, with the states in the policy loss: the reward must reach them)
 Then evaluate.py plays the same validation puzzles with the three final models and the two SFT
@@ -85,12 +90,12 @@ def main():
     common = ["--env", args.env, "--preset", "tiny", "--seed", str(args.seed)]
     start = time.perf_counter()
 
-    # 1. self-play SFT: the SPA arm plays and trains on every response token; vanilla trains on the
-    # same dataset with the states masked
+    # 1. self-play SFT: the SPA arm plays and trains on the true states; vanilla trains on the same
+    # dataset with every turn's states taken from another random turn
     run_stage("sft-spa", path("sft-spa", "eval.json"), worldmodel_sft.main,
               common + scale["sft"] + ["--loss-spans", "all", "--out", path("sft-spa")])
     run_stage("sft-vanilla", path("sft-vanilla", "eval.json"), worldmodel_sft.main,
-              common + scale["sft"] + ["--loss-spans", "no-states", "--data", path("sft-spa", "dataset.jsonl"),
+              common + scale["sft"] + ["--state-targets", "shuffled", "--data", path("sft-spa", "dataset.jsonl"),
                                        "--out", path("sft-vanilla")])
 
     # 2. PPO: the same steps, puzzles and episodes for every arm

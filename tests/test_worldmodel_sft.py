@@ -144,6 +144,33 @@ def test_a_conversation_carries_the_loss_of_each_of_its_turns(tiny):
         assert sum(1 for a, b in zip(kinds, kinds[1:]) if a != sft.OBSERVATION and b == sft.OBSERVATION) == len(turns)
 
 
+def test_shuffled_states_keep_the_form_and_say_nothing_about_the_puzzle(tiny):
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(4), "worldmodel"), tokenizer,
+                             "frozenlake", list(range(20, 30)), 2, instruction="short")
+    examples = sft.examples_from_episodes(episodes)
+    shuffled = sft.shuffled_states(examples, random.Random(0))
+    assert len(shuffled) == len(examples)
+    pairs = []
+    for ex, new in zip(examples, shuffled):
+        parsed, original = agent.parse_response("<think>" + new["response"], "worldmodel"), ex["response"]
+        assert parsed["format_valid"] and parsed["actions"] == agent.parse_actions(original)
+        # everything outside the two state spans is unchanged
+        strip = lambda r: (r[:r.index("<observation>")] + r[r.index("</observation>"):r.index("<prediction>")]  # noqa
+                           + r[r.index("</prediction>"):])
+        assert strip(new["response"]) == strip(original)
+        # the truth stays in the fields evaluation scores against; the prompt is untouched
+        assert (new["observation"], new["prediction"], new["messages"]) == \
+            (ex["observation"], ex["prediction"], ex["messages"])
+        pairs.append((parsed["observation"], parsed["prediction"]))
+    # the states are a permutation of the examples' own (observation, prediction) pairs, moved around
+    assert sorted(pairs) == sorted((ex["observation"], ex["prediction"]) for ex in examples)
+    assert sum(p == (ex["observation"], ex["prediction"]) for p, ex in zip(pairs, examples)) < len(examples) / 4
+    assert sft.shuffled_states(examples, random.Random(0)) == shuffled  # seeded
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--env", "frozenlake", "--out", "x", "--state-targets", "shuffled", "--pack"])
+
+
 def test_response_logits_are_the_models_logits(tiny):
     model, tokenizer = tiny
     episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(4), "worldmodel"), tokenizer,
