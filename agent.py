@@ -958,3 +958,13 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
+
+
+def env_overrides_problem(env_name, overrides):
+    """What is wrong with an --env-overrides value for env_name, as one line for parser.error (None
+    when envs.make takes it). Every script with that flag checks it this way before any work."""
+    try:
+        envs.make(env_name, **overrides)
+    except (TypeError, ValueError) as e:
+        return f"--env-overrides {json.dumps(overrides)}: {e}"
+    return None

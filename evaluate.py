@@ -119,11 +119,8 @@ def parse_args(argv=None):
         parser.error("nothing to evaluate: give --model PATH and/or --policy random|oracle")
     if args.env_overrides and args.all_envs:
         parser.error("--env-overrides applies to one env: give --env, not --all-envs")
-    if args.env_overrides:
-        try:
-            envs.make(args.env, **args.env_overrides)
-        except (TypeError, ValueError) as e:
-            parser.error(f"--env-overrides {json.dumps(args.env_overrides)}: {e}")
+    if args.env_overrides and (problem := agent.env_overrides_problem(args.env, args.env_overrides)):
+        parser.error(problem)
     args.model = list(dict.fromkeys(args.model))  # each checkpoint once
     return args
 

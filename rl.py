@@ -142,10 +142,8 @@ def parse_args(argv=None):
         problems.append("counts (--env-groups, --group-size, --steps, --mini-batch, ...) must be >= 1")
     if args.actor_lr <= 0 or args.critic_lr <= 0 or args.kl_coef < 0:
         problems.append("learning rates must be > 0 and --kl-coef >= 0")
-    try:
-        envs.make(args.env, **args.env_overrides)
-    except (TypeError, ValueError) as e:
-        problems.append(f"--env-overrides {json.dumps(args.env_overrides)}: {e}")
+    if problem := agent.env_overrides_problem(args.env, args.env_overrides):
+        problems.append(problem)
     if problems:
         parser.error("; ".join(problems))
     return args

@@ -113,10 +113,8 @@ def parse_args(argv=None):
                      "states)")
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
-    try:
-        envs.make(args.env, **args.env_overrides)
-    except (TypeError, ValueError) as e:
-        parser.error(f"--env-overrides {json.dumps(args.env_overrides)}: {e}")
+    if problem := agent.env_overrides_problem(args.env, args.env_overrides):
+        parser.error(problem)
     return args
 
 
