@@ -354,7 +354,10 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
 #    broke that regularity, and the next-state accuracy with it) -- a pre-tokenizer isolates the
 #    cells of grid lines;
 #  - every coordinate "(r,c)", every move and every Sudoku move "r,c,v" is one token (and no
-#    sequence of moves merges into one);
+#    sequence of moves merges into one), the same token wherever it stands: a move takes no
+#    leading space, so "try Right" in the thoughts and "<answer>Right" are the same "Right" and
+#    the answer is a plain copy of the plan (with " Right" and "Right" as two tokens the tiny
+#    model wrote its plan's first move as the answer in none of 200 held-out turns);
 #  - the format tags are single tokens;
 #  - everything else is ordinary byte-level BPE over the real prompts, so the fixed instruction
 #    and format sentences, repeated in every prompt, collapse into a handful of tokens.
@@ -370,7 +373,7 @@ _PRETOKEN_PATTERN = (
     r"|(?:^|(?<=[1-4.]) )[1-4.](?=(?: [1-4.])*$)"  # a cell of a Sudoku line, with its leading space
     r"|\(\d+,\d+\)"  # a coordinate
     r"|\d,\d,\d"  # a Sudoku move
-    r"| ?\b(?:Up|Down|Left|Right)\b")  # a move, so that no sequence of moves merges into one token
+    r"|\b(?:Up|Down|Left|Right)\b")  # a move, so that no sequence of moves merges into one token
 TINY_VOCAB_SIZE = 2048
 TINY_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10_000.0,

@@ -42,17 +42,21 @@ PRESETS = {
     # SPEC §4, reference config: 32 groups x 8 samples per batch, several batches, lr 1e-4, batch 16, 5 epochs
     "paper": dict(model=agent.DEFAULT_MODEL, behaviour="model", env_groups=32, group_size=8, batches=3,
                   instruction="full", max_response_tokens=400, lr=1e-4, batch_size=16, epochs=5,
-                  max_train_tokens=None, micro_batch_tokens=16384, eval_turns=256),
+                  max_train_tokens=None, micro_batch_tokens=16384, eval_turns=256, pack=False),
     # a laptop CPU in minutes: a fresh tiny model and the random behaviour policy. Self-play costs
     # seconds, so the preset plays many episodes and trains on each about once -- repeating a
     # small dataset made the tiny model memorise instead of learning to copy and update grids.
-    # The learning rate is per env: the tiny model learns to copy a state abruptly, after a number of
-    # steps that depends on it, and the best value differed by env (README: 1e-3 gave FrozenLake
-    # observations 72% exact where 2e-3 gave 3%; on Sokoban 2e-3 gave 89% where 1e-3 gave 9%).
+    # The tiny model learns to copy a state abruptly, after a number of optimiser steps, and what
+    # gets there within the budget differed by env (README): FrozenLake trains on whole episodes
+    # (--pack), 4 a step -- far more steps per minute than 16 single turns, observations 82% exact
+    # against 55-72% -- at lr 1e-3 (2e-3 gave 3%); Sokoban on 16 single turns a step at 2e-3
+    # (89% where 1e-3 gave 9%, and packed episodes, 2 a step, 34%).
     "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8, batches=12, instruction="short",
                  max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS,
-                 lr={"frozenlake": 1e-3, "sokoban": 2e-3, "sudoku": 2e-3}, batch_size=16, epochs=2,
-                 max_train_tokens=6e6, micro_batch_tokens=8192, eval_turns=200),
+                 lr={"frozenlake": 1e-3, "sokoban": 2e-3, "sudoku": 2e-3},
+                 batch_size={"frozenlake": 4, "sokoban": 16, "sudoku": 16}, epochs=2,
+                 max_train_tokens={"frozenlake": 3.2e6, "sokoban": 6e6, "sudoku": 6e6}, micro_batch_tokens=8192,
+                 eval_turns=200, pack={"frozenlake": True, "sokoban": False, "sudoku": False}),
 }
 LOSS_SPANS = ("all", "states", "no-states")
 STATE_TARGETS = ("true", "shuffled")
@@ -84,9 +88,9 @@ def parse_args(argv=None):
                         help="states the training responses hold: the truth, or the states of other random "
                              "training turns (the format without the world model: the vanilla baseline at tiny "
                              "scale, see README)")
-    parser.add_argument("--pack", action="store_true",
-                        help="one sequence per episode, loss on all its turns (same loss, less compute; "
-                             "the tiny model learned to copy states far more slowly this way, see README)")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction,
+                        help="one sequence per episode with the loss on all its turns, instead of one per turn "
+                             "(the same loss in a third of the compute; --batch-size then counts episodes)")
     parser.add_argument("--epochs", type=int, help="passes over the training turns")
     parser.add_argument("--max-train-tokens", type=float,
                         help="stop once this many tokens (padding included) were trained on; the schedule ends there")
@@ -102,15 +106,17 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, default=100, help="optimiser steps between resumable saves")
     # evaluation
     parser.add_argument("--eval-turns", type=int, help="held-out turns evaluated by greedy generation")
+    parser.add_argument("--heldout-loss-turns", type=int, default=1000,
+                        help="held-out turns (a fixed random sample) for the loss and teacher-forced accuracy "
+                             "after each epoch")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.env] if isinstance(value, dict) else value)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or not 0 <= args.warmup < 1:
-        parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0 and 0 <= --warmup < 1")
-    if args.state_targets == "shuffled" and args.pack:
-        parser.error("--state-targets shuffled does not combine with --pack (later turns' prompts hold the true "
-                     "states)")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or not 0 <= args.warmup < 1 \
+            or args.heldout_loss_turns < 0:
+        parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --warmup < 1 and "
+                     "--heldout-loss-turns >= 0")
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
     if problem := agent.env_overrides_problem(args.env, args.env_overrides):
@@ -166,12 +172,27 @@ def shuffled_states(examples, rng):
     world model -- what `--loss-spans no-states` means for an instruction-tuned model, which writes
     plausible states of its own in the spans the loss leaves out. A tiny model learns nothing there
     at all: after <observation> it never learns to write a state, nor when to close one. The
-    "observation"/"prediction" fields keep the truth (evaluation scores against them)."""
+    "observation"/"prediction" fields keep the truth (evaluation scores against them).
+
+    A turn's prompt holds the episode's earlier responses; they are rewritten too, to the shuffled
+    responses those turns train on, so that a conversation reads the same in every later prompt
+    (and --pack, which trains on a whole conversation at once, sees one consistent text)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    return [{**ex, "response": agent.replace_states(ex["response"], examples[j]["observation"],
-                                                    examples[j]["prediction"])}
-            for ex, j in zip(examples, order)]
+    responses = {}  # (env, seed, sample, turn) -> the shuffled response
+    for ex, j in zip(examples, order):
+        key = (ex["env"], ex["seed"], ex["sample"], ex["turn"])
+        responses[key] = agent.replace_states(ex["response"], examples[j]["observation"], examples[j]["prediction"])
+    shuffled = []
+    for ex in examples:
+        messages = [dict(m) for m in ex["messages"]]
+        for turn in range(1, ex["turn"]):  # messages: system, user 1, assistant 1, user 2, ...
+            earlier = responses.get((ex["env"], ex["seed"], ex["sample"], turn))
+            if earlier is not None:  # a kept turn (the others stay as they were written)
+                messages[2 * turn]["content"] = agent.THINK_START + earlier
+        shuffled.append({**ex, "messages": messages,
+                         "response": responses[(ex["env"], ex["seed"], ex["sample"], ex["turn"])]})
+    return shuffled
 
 
 REQUIRED_KEYS = ("env", "seed", "sample", "turn", "split", "messages", "response", "observation", "prediction",
@@ -217,9 +238,10 @@ def conversations(examples):
     Training on a whole conversation with the loss on every kept turn is the sum of the per-turn
     examples' losses -- each turn's prompt is exactly the conversation before it, and causal
     attention sees nothing later -- but it computes each prefix once instead of once per later
-    turn (a 5-turn episode costs a third as much). The optimisation is not the same, though: the
-    steps mix whole episodes instead of turns, and on the tiny preset that learned to copy
-    states several times more slowly."""
+    turn (a 5-turn episode costs a third as much). The optimisation is not the same, though: a
+    step holds whole episodes, so --batch-size counts episodes; at 16 of them (about 50 turns) a
+    step the tiny model learned to copy states several times more slowly per token, at 2-5 (the
+    tiny preset) faster than with one sequence per turn, since it takes more steps."""
     episodes = {}
     for ex in examples:
         episodes.setdefault((ex["env"], ex["seed"], ex["sample"]), []).append(ex)
@@ -526,7 +548,8 @@ def main(argv=None):
     encoded = [e for e in (encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences)
                if len(e[0]) <= args.max_length]
     lengths = [len(e[0]) for e in encoded]
-    heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout)
+    heldout_sample = random.Random(f"{args.seed}-heldout").sample(heldout, min(args.heldout_loss_turns, len(heldout)))
+    heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout_sample)
                        if len(e[0]) <= args.max_length]
     total_steps = planned_steps(lengths, args)
     print(f"train: {len(train)} turns in {len(sequences)} sequences ({len(sequences) - len(encoded)} over "

@@ -61,13 +61,15 @@ def test_tiny_tokenizer_units(tiny):
         assert pieces(tag) == [tag]
     for r, c, v in ((1, 1, 1), (2, 4, 3), (4, 4, 4)):  # every Sudoku move is one token
         assert pieces(f"I will try {r},{c},{v} || 1,2,3.") [1:4] == [f"{r},{c},{v}", " || ", "1,2,3"]
-    # moves never merge with each other, so a plan reads the same wherever it appears
-    assert pieces("<answer>Down || Left || Down</answer>") == ["<answer>", "Down", " ||", " Left", " ||", " Down",
-                                                             "</answer>"]
+    # moves never merge with each other and take no leading space, so a plan is the same tokens in the
+    # thoughts and in the answer: writing the answer is copying the plan
+    plan = ["Down", " || ", "Left", " || ", "Down"]
+    assert pieces("<answer>Down || Left || Down</answer>") == ["<answer>", *plan, "</answer>"]
+    assert pieces("</observation>I will try Down || Left || Down.<prediction>")[2:7] == plan
     fixed = agent.turn_text(1, "", 10, "worldmodel", 128).replace("Turn 1:\nState:\n\n", "")
     assert len(pieces(fixed)) <= 25  # the whole format instruction
     for name in envs.ENVS:
-        assert len(pieces(agent.INSTRUCTIONS["short"][name])) <= 16  # moves stay separate tokens
+        assert len(pieces(agent.INSTRUCTIONS["short"][name])) <= 18  # moves and the spaces between them stay apart
 
 
 def test_tiny_tokenizer_round_trips_any_text(tiny):

@@ -19,7 +19,7 @@ BANDIT_MAP = {**ONE_MOVE, "desc": ["____", "_PG_", "____", "____"]}
 def test_ppo_takes_a_one_move_task_from_chance_to_90_percent(tmp_path):
     # the format from self-play SFT on random one-move maps (about 1 minute)
     worldmodel_sft.main(["--env", "frozenlake", "--preset", "tiny", "--env-overrides", json.dumps(ONE_MOVE),
-                         "--batches", "4", "--epochs", "2", "--lr", "2e-3", "--eval-turns", "50",
+                         "--batches", "4", "--epochs", "2", "--lr", "2e-3", "--batch-size", "16", "--eval-turns", "50",
                          "--out", str(tmp_path / "sft")])
     summary = rl.main(["--env", "frozenlake", "--preset", "tiny", "--model", str(tmp_path / "sft" / "model"),
                        "--env-overrides", json.dumps(BANDIT_MAP), "--max-turns", "1", "--steps", "40",

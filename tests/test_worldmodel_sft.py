@@ -159,16 +159,27 @@ def test_shuffled_states_keep_the_form_and_say_nothing_about_the_puzzle(tiny):
         strip = lambda r: (r[:r.index("<observation>")] + r[r.index("</observation>"):r.index("<prediction>")]  # noqa
                            + r[r.index("</prediction>"):])
         assert strip(new["response"]) == strip(original)
-        # the truth stays in the fields evaluation scores against; the prompt is untouched
-        assert (new["observation"], new["prediction"], new["messages"]) == \
-            (ex["observation"], ex["prediction"], ex["messages"])
+        # the truth stays in the fields evaluation scores against; the user messages are untouched
+        assert (new["observation"], new["prediction"]) == (ex["observation"], ex["prediction"])
+        assert [m for m in new["messages"] if m["role"] != "assistant"] == \
+            [m for m in ex["messages"] if m["role"] != "assistant"]
         pairs.append((parsed["observation"], parsed["prediction"]))
+    # earlier turns in a prompt read as those turns' shuffled responses, so a whole conversation is
+    # one consistent text (--pack trains on exactly that)
+    by_turn = {(ex["seed"], ex["sample"], ex["turn"]): ex for ex in shuffled}
+    later = [ex for ex in shuffled if ex["turn"] > 1]
+    assert later
+    for ex in later:
+        for turn in range(1, ex["turn"]):
+            earlier = by_turn.get((ex["seed"], ex["sample"], turn))
+            if earlier is not None:
+                assert ex["messages"][2 * turn] == {"role": "assistant", "content": "<think>" + earlier["response"]}
+    for turns in sft.conversations(shuffled):
+        sft.encode_conversation(tokenizer, turns, "all")  # raises if the turns disagree
     # the states are a permutation of the examples' own (observation, prediction) pairs, moved around
     assert sorted(pairs) == sorted((ex["observation"], ex["prediction"]) for ex in examples)
     assert sum(p == (ex["observation"], ex["prediction"]) for p, ex in zip(pairs, examples)) < len(examples) / 4
     assert sft.shuffled_states(examples, random.Random(0)) == shuffled  # seeded
-    with pytest.raises(SystemExit):
-        sft.parse_args(["--env", "frozenlake", "--out", "x", "--state-targets", "shuffled", "--pack"])
 
 
 def test_response_logits_are_the_models_logits(tiny):
@@ -223,6 +234,15 @@ def test_presets_resolve_per_env_values_and_flags_win():
     args = sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--lr", "5e-4", "--epochs", "3"])
     assert (args.lr, args.epochs, args.batches) == (5e-4, 3, sft.PRESETS["tiny"]["batches"])
     assert sft.parse_args(["--env", "sokoban", "--out", "x"]).lr == sft.PRESETS["paper"]["lr"]
+    # the tiny preset packs FrozenLake's episodes and not Sokoban's; the paper preset packs none; the flag wins
+    tiny = {env: sft.parse_args(["--env", env, "--preset", "tiny", "--out", "x"]) for env in ("frozenlake", "sokoban")}
+    for env, args in tiny.items():
+        assert (args.pack, args.batch_size, args.max_train_tokens) == tuple(
+            sft.PRESETS["tiny"][key][env] for key in ("pack", "batch_size", "max_train_tokens"))
+    assert tiny["frozenlake"].pack is True and tiny["sokoban"].pack is False
+    assert sft.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "x", "--no-pack"]).pack is False
+    assert sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--pack"]).pack is True
+    assert sft.parse_args(["--env", "frozenlake", "--out", "x"]).pack is False
 
 
 def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
@@ -247,7 +267,7 @@ def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
 # the script: resume, bad input, the CLI
 
 SMALL = ["--env", "frozenlake", "--preset", "tiny", "--env-groups", "5", "--group-size", "2", "--batches", "1",
-         "--epochs", "2", "--batch-size", "4", "--eval-turns", "4", "--max-response-tokens", "96"]
+         "--epochs", "2", "--batch-size", "1", "--eval-turns", "4", "--max-response-tokens", "96"]  # packed episodes
 
 
 def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, monkeypatch):
@@ -289,6 +309,9 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     corrupt.write_text("{\"env\": \n")
     with pytest.raises(SystemExit, match="not valid JSON"):
         sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    with pytest.raises(SystemExit):
+        sft.main(SMALL + ["--out", str(tmp_path / "v"), "--heldout-loss-turns", "-1"])
+    assert "--heldout-loss-turns >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no such folder"):
         sft.main(SMALL + ["--out", str(tmp_path / "z"), "--model", str(tmp_path / "no-model")])
     run = tmp_path / "w"
