@@ -90,7 +90,7 @@ def parse_args(argv=None):
                              "scale, see README)")
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction,
                         help="one sequence per episode with the loss on all its turns, instead of one per turn "
-                             "(the same loss in a third of the compute; --batch-size then counts episodes)")
+                             "(the same loss in about 40%% of the compute; --batch-size then counts episodes)")
     parser.add_argument("--epochs", type=int, help="passes over the training turns")
     parser.add_argument("--max-train-tokens", type=float,
                         help="stop once this many tokens (padding included) were trained on; the schedule ends there")
@@ -179,19 +179,18 @@ def shuffled_states(examples, rng):
     (and --pack, which trains on a whole conversation at once, sees one consistent text)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    responses = {}  # (env, seed, sample, turn) -> the shuffled response
-    for ex, j in zip(examples, order):
-        key = (ex["env"], ex["seed"], ex["sample"], ex["turn"])
-        responses[key] = agent.replace_states(ex["response"], examples[j]["observation"], examples[j]["prediction"])
+    new_responses = [agent.replace_states(ex["response"], examples[j]["observation"], examples[j]["prediction"])
+                     for ex, j in zip(examples, order)]
+    turn_of = lambda ex, turn: (ex["env"], ex["seed"], ex["sample"], turn)  # noqa: E731
+    by_turn = {turn_of(ex, ex["turn"]): response for ex, response in zip(examples, new_responses)}
     shuffled = []
-    for ex in examples:
+    for ex, response in zip(examples, new_responses):
         messages = [dict(m) for m in ex["messages"]]
         for turn in range(1, ex["turn"]):  # messages: system, user 1, assistant 1, user 2, ...
-            earlier = responses.get((ex["env"], ex["seed"], ex["sample"], turn))
+            earlier = by_turn.get(turn_of(ex, turn))
             if earlier is not None:  # a kept turn (the others stay as they were written)
                 messages[2 * turn]["content"] = agent.THINK_START + earlier
-        shuffled.append({**ex, "messages": messages,
-                         "response": responses[(ex["env"], ex["seed"], ex["sample"], ex["turn"])]})
+        shuffled.append({**ex, "messages": messages, "response": response})
     return shuffled
 
 
