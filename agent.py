@@ -369,7 +369,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 _GRID_SYMBOLS = "#_OXPSG√"
 _PRETOKEN_PATTERN = (
-    rf"(?:^|(?<=[{_GRID_SYMBOLS}]))[{_GRID_SYMBOLS}](?=[{_GRID_SYMBOLS}]*$)"  # a cell of a Sokoban/FrozenLake grid line
+    rf"^[{_GRID_SYMBOLS}]+$"  # a whole line of a Sokoban/FrozenLake grid
     r"|(?:^|(?<=[1-4.]) )[1-4.](?=(?: [1-4.])*$)"  # a cell of a Sudoku line, with its leading space
     r"|\(\d+,\d+\)"  # a coordinate
     r"|\d,\d,\d"  # a Sudoku move
@@ -381,12 +381,23 @@ TINY_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, n
 TINY_MAX_RESPONSE_TOKENS = 128
 
 
-def tokenizer_corpus(seed=0, episodes_per_env=300):
+def tokenizer_corpus(seed=0, episodes_per_env=300, grid_episodes=1000):
     """Text the tiny tokenizer learns from: random play in every env, mode and rendering, as full
     ChatML transcripts whose world-model responses carry the true states (as after self-play SFT's
-    rewriting)."""
+    rewriting); and the grid lines of every state of grid_episodes more random Sokoban and
+    FrozenLake episodes, so that nearly every line those envs draw becomes one token."""
     rng = random.Random(seed)
     texts = []
+    for env_name in ("sokoban", "frozenlake"):
+        lines = []
+        for _ in range(grid_episodes):
+            env = envs.make(env_name)
+            env.reset(rng.randrange(1_000_000))
+            lines += env.render("grid").split("\n")
+            while not env.done:
+                env.step(rng.choice(env.ACTIONS))
+                lines += env.render("grid").split("\n")
+        texts.append("\n".join(lines))
     for env_name in envs.ENVS:
         for i in range(episodes_per_env):
             mode, render = MODES[i % 2], ("coords" if i % 4 < 2 else "grid")
@@ -834,13 +845,15 @@ def _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, s
               "actions_left_before": env.actions_left, "response": response, "stopped": stopped,
               "format_valid": parsed["format_valid"], "observation": parsed["observation"],
               "prediction": parsed["prediction"], "actions": parsed["actions"], "executed": [],
-              "invalid_actions": [], "env_reward": 0.0}
+              "invalid_actions": [], "env_reward": 0.0, "pieces": [env.pieces()]}
     for action in parsed["actions"]:
         if env.done:
             break  # the episode ended mid-turn (success, a hole, or the action budget)
         _, reward, _, info = env.step(action)
         record["env_reward"] += reward
         (record["executed"] if info["action_is_valid"] else record["invalid_actions"]).append(action)
+        if info["action_is_valid"]:
+            record["pieces"].append(env.pieces())  # where the pieces are after each executed action
         if info["success"]:
             ep.success = True
     penalty = format_penalty if (not parsed["format_valid"] or record["invalid_actions"]) else 0.0
@@ -873,17 +886,39 @@ def random_actions(env, rng, max_actions=MAX_ACTIONS_PER_TURN):
     return [f"{i // 4 + 1},{i % 4 + 1},{rng.randint(1, 4)}" for i in cells]
 
 
-def replace_states(response, observation, prediction):
+def replace_states(response, observation, prediction, trace=""):
     """The response with the contents of its (only) <observation> and <prediction> spans replaced
-    by the given states, each on lines of its own. This is the layout the world model learns to
+    by the given states, each on lines of its own, and `trace` (see trace_sentence) added to the
+    end of the thoughts after a space, just before <prediction>. This is the layout the world model learns to
     write: a grid that starts on a fresh line tokenises cell by cell from its first row."""
     spans = [_only_span(response, "<observation>", "</observation>"),
              _only_span(response, "<prediction>", "</prediction>")]
     if None in spans or spans[0][1] > spans[1][0]:
         raise ValueError("replace_states needs one <observation> span followed by one <prediction> span")
     (o_start, o_end), (p_start, p_end) = spans
-    return (response[:o_start] + f"\n{observation}\n" + response[o_end:p_start] + f"\n{prediction}\n"
-            + response[p_end:])
+    thoughts_end = p_start - len("<prediction>")
+    return (response[:o_start] + f"\n{observation}\n" + response[o_end:thoughts_end] + (" " + trace if trace else "")
+            + response[thoughts_end:p_start] + f"\n{prediction}\n" + response[p_end:])
+
+
+def trace_sentence(actions, pieces):
+    """A thought that traces a turn step by step: where the player went after each executed
+    action, and where a box it pushed went -- "Right to (2,2); Down to (3,2), box to (4,2)."
+    (pieces: env.pieces() before the turn and after each executed action, as the rollout records
+    them; "" for an env without pieces, Sudoku). Written before the <prediction>, it breaks
+    predicting a grid into steps a small model learns: one coordinate from the last one and the
+    action, then the grid redrawn from the observation with the pieces moved. On slippery
+    FrozenLake the coordinate is where an outcome gets chosen, so greedy decoding writes one
+    whole likely outcome, not a grid with the player nowhere (README)."""
+    steps = []
+    for action, before, after in zip(actions, pieces, pieces[1:]):
+        if "player" not in after:
+            return ""
+        step = f"{action} to ({after['player'][0]},{after['player'][1]})"
+        for r, c in sorted(set(map(tuple, after.get("boxes", ()))) - set(map(tuple, before.get("boxes", ())))):
+            step += f", box to ({r},{c})"
+        steps.append(step)
+    return "; ".join(steps) + "." if steps else ""
 
 
 def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):

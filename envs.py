@@ -351,6 +351,11 @@ class Sokoban:
             return grid
         return grid + "\n" + self._coords_sentence()
 
+    def pieces(self):
+        """Where the movable pieces are, as (row, col): {"player": (r, c), "boxes": [(r, c), ...]}."""
+        _check_reset(self)
+        return {"player": divmod(self._player, self.width), "boxes": sorted(divmod(b, self.width) for b in self._boxes)}
+
     def _coords_sentence(self):
         def where(cells):
             return ", ".join(f"({i // self.width},{i % self.width})" for i in sorted(cells))
@@ -513,6 +518,11 @@ class FrozenLake:
                       ("hole at " if len(holes) == 1 else "holes at ") + _join_positions(holes))
         return (grid + "\n" + f"Player ({p // n},{p % n}); {holes_text}; "
                 f"goal at ({self._goal // n},{self._goal % n}).")
+
+    def pieces(self):
+        """Where the movable pieces are, as (row, col): {"player": (r, c)}."""
+        _check_reset(self)
+        return {"player": divmod(self._player, self.size)}
 
     def _grid_with_player_at(self, p):
         n = self.size
@@ -865,6 +875,11 @@ class Sudoku:
         sentence = ("Empty positions to be filled are at " + ", ".join(empty) + "."
                     if empty else "No empty positions are left.")
         return grid + "\n" + sentence
+
+    def pieces(self):
+        """Sudoku has no movable pieces: {} (the grid is the whole state)."""
+        _check_reset(self)
+        return {}
 
     def solve(self):
         """Actions that complete the grid from the current state (None if it can no longer be

@@ -23,6 +23,10 @@ Where this departs from the paper's recipe, and why:
 - Held-out turns are whole puzzles (every 5th seed), not random turns, so no held-out puzzle was
   seen in training.
 - States in the rewritten responses stand on lines of their own (see agent.replace_states).
+- The tiny preset's rewritten thoughts end with a trace of the turn (`--thought-trace`: "Right to
+  (2,2)." -- where the player and any pushed box went after each action), written before the
+  prediction: a scratchpad that a 2M-parameter model needs to predict next states (README). At
+  paper scale the model's own thoughts are kept as written.
 """
 import argparse
 import json
@@ -42,7 +46,8 @@ PRESETS = {
     # SPEC §4, reference config: 32 groups x 8 samples per batch, several batches, lr 1e-4, batch 16, 5 epochs
     "paper": dict(model=agent.DEFAULT_MODEL, behaviour="model", env_groups=32, group_size=8, batches=3,
                   instruction="full", max_response_tokens=400, lr=1e-4, batch_size=16, epochs=5,
-                  max_train_tokens=None, micro_batch_tokens=16384, eval_turns=256, pack=False),
+                  max_train_tokens=None, micro_batch_tokens=16384, eval_turns=256, pack=False,
+                  thought_trace=False),
     # a laptop CPU in minutes: a fresh tiny model and the random behaviour policy. Self-play costs
     # seconds, so the preset plays many episodes and trains on each about once -- repeating a
     # small dataset made the tiny model memorise instead of learning to copy and update grids.
@@ -50,13 +55,14 @@ PRESETS = {
     # gets there within the budget differed by env (README): FrozenLake trains on whole episodes
     # (--pack), 4 a step -- far more steps per minute than 16 single turns, observations 82% exact
     # against 55-72% -- at lr 1e-3 (2e-3 gave 3%); Sokoban on 16 single turns a step at 2e-3
-    # (89% where 1e-3 gave 9%, and packed episodes, 2 a step, 34%).
+    # (89% where 1e-3 gave 9%, and packed episodes, 2 a step, 34%). The thought trace gives the
+    # prediction a scratchpad (README); with one token per grid line, Sokoban's budget is ~1,100 steps.
     "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8, batches=12, instruction="short",
                  max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS,
                  lr={"frozenlake": 1e-3, "sokoban": 2e-3, "sudoku": 2e-3},
                  batch_size={"frozenlake": 4, "sokoban": 16, "sudoku": 16}, epochs=2,
-                 max_train_tokens={"frozenlake": 3.2e6, "sokoban": 6e6, "sudoku": 6e6}, micro_batch_tokens=8192,
-                 eval_turns=200, pack={"frozenlake": True, "sokoban": False, "sudoku": False}),
+                 max_train_tokens={"frozenlake": 3.2e6, "sokoban": 5.2e6, "sudoku": 6e6}, micro_batch_tokens=8192,
+                 eval_turns=200, pack={"frozenlake": True, "sokoban": False, "sudoku": False}, thought_trace=True),
 }
 LOSS_SPANS = ("all", "states", "no-states")
 STATE_TARGETS = ("true", "shuffled")
@@ -81,6 +87,10 @@ def parse_args(argv=None):
     parser.add_argument("--instruction", choices=("full", "short"), help="wording of the env instruction")
     parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
     parser.add_argument("--train-seed-start", type=int, default=10_000, help="first puzzle seed (SPEC §3)")
+    parser.add_argument("--thought-trace", action=argparse.BooleanOptionalAction,
+                        help="end each rewritten turn's thoughts with where the player (and a pushed box) went "
+                             "after each action, e.g. 'Right to (2,2).' (see agent.trace_sentence; self-play "
+                             "only, a --data file keeps what it was written with)")
     # SFT
     parser.add_argument("--loss-spans", default="all", choices=LOSS_SPANS,
                         help="response tokens that carry loss: all, only the states, or all but the states")
@@ -127,15 +137,16 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Self-play data: play, rewrite each turn with the true states, one example per kept turn
 
-def examples_from_episodes(episodes, heldout_every=5):
+def examples_from_episodes(episodes, heldout_every=5, thought_trace=False):
     """One example per assistant turn whose response has the world-model structure.
 
     The prompt is the conversation up to that turn, with earlier kept turns also rewritten (the
     model learns from conversations whose states are all true); the target is the response with
     <observation> = the true state before the turn (coordinates rendering) and <prediction> = the
-    true state after the actions it ran (grid rendering). Turns that break the structure are
-    dropped but stay in later prompts as they were written. Every heldout_every-th puzzle is held
-    out (split "heldout"), the rest are "train".
+    true state after the actions it ran (grid rendering); with thought_trace, the thoughts end
+    with the trace of the pieces' moves (agent.trace_sentence; the example's "trace"). Turns that
+    break the structure are dropped but stay in later prompts as they were written. Every
+    heldout_every-th puzzle is held out (split "heldout"), the rest are "train".
     """
     examples = []
     for ep in episodes:
@@ -144,13 +155,14 @@ def examples_from_episodes(episodes, heldout_every=5):
         for k, turn in enumerate(ep.turns):
             parsed = agent.parse_response(turn["response"], "worldmodel")
             if parsed["observation"] is not None and parsed["prediction"] is not None:
+                trace = agent.trace_sentence(turn["executed"], turn["pieces"]) if thought_trace else ""
                 target = agent.replace_states(turn["response"][len(agent.THINK_START):], turn["coords_before"],
-                                              turn["state_after"])
+                                              turn["state_after"], trace)
                 examples.append({
                     "env": ep.env_name, "seed": ep.seed, "sample": ep.sample, "turn": k + 1,
                     "split": "heldout" if ep.group % heldout_every == heldout_every - 1 else "train",
                     "messages": [dict(m) for m in messages], "response": target,
-                    "observation": turn["coords_before"], "prediction": turn["state_after"],
+                    "observation": turn["coords_before"], "prediction": turn["state_after"], "trace": trace,
                     "actions": turn["actions"], "executed": turn["executed"], "history": [list(h) for h in history],
                     "env_overrides": ep.env_overrides,
                 })
@@ -167,31 +179,53 @@ def examples_from_episodes(episodes, heldout_every=5):
 def shuffled_states(examples, rng):
     """The examples with the states in their responses taken from other examples, at random (one
     permutation of all of them): every response keeps its form, thoughts and actions, and holds a
-    well-formed observation and prediction that say nothing about its own puzzle. Trained on with
-    the loss on every token, a model learns to write the world-model format without learning the
-    world model -- what `--loss-spans no-states` means for an instruction-tuned model, which writes
-    plausible states of its own in the spans the loss leaves out. A tiny model learns nothing there
-    at all: after <observation> it never learns to write a state, nor when to close one. The
-    "observation"/"prediction" fields keep the truth (evaluation scores against them).
+    well-formed observation, prediction and thought trace (if any) that say nothing about its own
+    puzzle. Trained on with the loss on every token, a model learns to write the world-model
+    format without learning the world model -- what `--loss-spans no-states` means for an
+    instruction-tuned model, which writes plausible states of its own in the spans the loss leaves
+    out. A tiny model learns nothing there at all: after <observation> it never learns to write a
+    state, nor when to close one. The
+    "observation"/"prediction" fields keep the truth (evaluation scores against them); "trace" is
+    the trace the new response holds (the loss masks find it by it).
 
     A turn's prompt holds the episode's earlier responses; they are rewritten too, to the shuffled
     responses those turns train on, so that a conversation reads the same in every later prompt
     (and --pack, which trains on a whole conversation at once, sees one consistent text)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    new_responses = [agent.replace_states(ex["response"], examples[j]["observation"], examples[j]["prediction"])
-                     for ex, j in zip(examples, order)]
+    new_traces = [examples[j].get("trace", "") for j in order]
+    new_responses = [agent.replace_states(_without_trace(ex), examples[j]["observation"], examples[j]["prediction"],
+                                          trace) for ex, j, trace in zip(examples, order, new_traces)]
     turn_of = lambda ex, turn: (ex["env"], ex["seed"], ex["sample"], turn)  # noqa: E731
     by_turn = {turn_of(ex, ex["turn"]): response for ex, response in zip(examples, new_responses)}
     shuffled = []
-    for ex, response in zip(examples, new_responses):
+    for ex, response, trace in zip(examples, new_responses, new_traces):
         messages = [dict(m) for m in ex["messages"]]
         for turn in range(1, ex["turn"]):  # messages: system, user 1, assistant 1, user 2, ...
             earlier = by_turn.get(turn_of(ex, turn))
             if earlier is not None:  # a kept turn (the others stay as they were written)
                 messages[2 * turn]["content"] = agent.THINK_START + earlier
-        shuffled.append({**ex, "messages": messages, "response": response})
+        shuffled.append({**ex, "messages": messages, "response": response, "trace": trace})
     return shuffled
+
+
+def _trace_at(example):
+    """Where the example's thought trace is in its response: (start, end) in characters, or None
+    if it has none. The trace ends the thoughts after a space, right before <prediction>."""
+    trace, response = example.get("trace", ""), example["response"]
+    end = response.find("<prediction>")
+    if not trace:
+        return None
+    if end <= len(trace) or response[end - len(trace) - 1:end] != " " + trace:
+        raise ValueError(f"{example['env']} seed {example['seed']} turn {example['turn']}: the thought trace is "
+                         f"not right before <prediction>; the dataset is inconsistent")
+    return end - len(trace), end
+
+
+def _without_trace(example):
+    """The example's response with its thought trace (and the space before it) taken out."""
+    at = _trace_at(example)
+    return example["response"] if at is None else example["response"][:at[0] - 1] + example["response"][at[1]:]
 
 
 REQUIRED_KEYS = ("env", "seed", "sample", "turn", "split", "messages", "response", "observation", "prediction",
@@ -216,6 +250,8 @@ def read_dataset(path):
             if missing:
                 raise SystemExit(f"error: {path}:{number} lacks {', '.join(missing)}; "
                                  f"not a dataset written by this script")
+            if not isinstance(example.get("trace", ""), str):
+                raise SystemExit(f"error: {path}:{number}: the thought trace is not a string")
             if example["env"] not in envs.ENVS or example["split"] not in ("train", "heldout"):
                 raise SystemExit(f"error: {path}:{number}: unknown env {example['env']!r} "
                                  f"or split {example['split']!r}")
@@ -228,7 +264,8 @@ def read_dataset(path):
 # -----------------------------------------------------------------------------
 # Tokenisation and loss masks
 
-PROMPT, OBSERVATION, PREDICTION, OTHER = 0, 1, 2, 3  # what each token of a sequence is
+PROMPT, OBSERVATION, PREDICTION, OTHER, TRACE = 0, 1, 2, 3, 4  # what each token of a sequence is
+STATE_KINDS = (OBSERVATION, PREDICTION, TRACE)  # the world-model tokens: --loss-spans states / no-states
 
 
 def conversations(examples):
@@ -251,9 +288,10 @@ def encode_conversation(tokenizer, turns, loss_spans):
     """(input_ids, labels, kinds) for one episode's kept turns: the last turn's prompt (the chat
     template up to its <think>), its response and <|im_end|>; every kept turn's response sits in
     that text. kinds tells each token apart: PROMPT (everything the model does not write, and
-    turns that were not kept), inside an <observation> or <prediction>, or OTHER response tokens
-    (tags, thoughts, answer, <|im_end|>). labels are -100 except on the response tokens that
-    carry loss: all of them, only the states ("states"), or all but the states ("no-states").
+    turns that were not kept), inside an <observation> or <prediction>, the thought TRACE (world-
+    model content too: it says where the pieces went), or OTHER response tokens (tags, thoughts,
+    answer, <|im_end|>). labels are -100 except on the response tokens that carry loss: all of
+    them, only the states and trace ("states"), or all but those ("no-states").
     Tokens are classified by their character offsets."""
     last = turns[-1]
     text = agent.prompt_text(tokenizer, last["messages"]) + last["response"] + "<|im_end|>"
@@ -271,6 +309,8 @@ def encode_conversation(tokenizer, turns, loss_spans):
             if open_at < 0 or close_at < open_at:
                 raise ValueError(f"{ex['env']} seed {ex['seed']} turn {ex['turn']}: no {open_tag} span")
             spans.append((kind, start + open_at + len(open_tag), start + close_at))
+        if (trace := _trace_at(ex)) is not None:
+            spans.append((TRACE, start + trace[0], start + trace[1]))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels, kinds = [], []
     for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
@@ -278,7 +318,7 @@ def encode_conversation(tokenizer, turns, loss_spans):
         for span_kind, s, e in spans:  # the innermost (last listed) span that holds the token wins
             if s <= start and end <= e and end > start:
                 kind = span_kind
-        carries_loss = kind != PROMPT and {"all": True, "states": kind in (OBSERVATION, PREDICTION),
+        carries_loss = kind != PROMPT and {"all": True, "states": kind in STATE_KINDS,
                                           "no-states": kind == OTHER}[loss_spans]
         labels.append(token if carries_loss else -100)
         kinds.append(kind)
@@ -532,7 +572,7 @@ def main(argv=None):
                                      args.group_size, mode="worldmodel", render="coords",
                                      instruction=args.instruction, max_response_tokens=args.max_response_tokens,
                                      env_overrides=args.env_overrides)
-            examples += examples_from_episodes(episodes)
+            examples += examples_from_episodes(episodes, thought_trace=args.thought_trace)
         agent.write_jsonl(data_path, examples)
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
     train = [ex for ex in examples if ex["split"] == "train"]

@@ -95,6 +95,32 @@ def test_same_seed_same_puzzle_fresh_env(name):
         assert a.render("coords") == b.render("coords")
 
 
+@pytest.mark.parametrize("name", envs.ENVS)
+def test_pieces_say_where_the_grid_draws_them(name):
+    rng = random.Random(0)
+    env = envs.make(name)
+    with pytest.raises(RuntimeError):
+        env.pieces()
+    player = {"sokoban": "PS", "frozenlake": "PX√"}.get(name)
+    for seed in range(30):
+        env.reset(seed)
+        for _ in range(20):
+            pieces = env.pieces()
+            grid = env.render("grid").split("\n")
+            if name == "sudoku":
+                assert pieces == {}
+            else:
+                r, c = pieces["player"]
+                assert grid[r][c] in player and sum(ch in player for row in grid for ch in row) == 1
+                if name == "sokoban":
+                    assert sorted(pieces["boxes"]) == pieces["boxes"] and len(pieces["boxes"]) == env.num_boxes
+                    assert all(grid[r][c] in "X√" for r, c in pieces["boxes"])
+            if env.done:
+                break
+            env.step(rng.choice(env.ACTIONS) if name != "sudoku" else f"{rng.randint(1, 4)},{rng.randint(1, 4)},"
+                     f"{rng.randint(1, 4)}")
+
+
 # -----------------------------------------------------------------------------
 # Sokoban
 

@@ -58,6 +58,38 @@ def test_substitution_multi_action_turns_and_mid_turn_end(tiny):
         "<observation>\n" + room + "\nPlayer (P) is at (1,1); box (X) is at (1,3); target (O) is at (1,4).\n"
         "</observation>I will try Down || Right.<prediction>\n######\n#__XO#\n#_P__#\n######\n</prediction>"
         "</think><answer>Down || Right</answer>")
+    # --thought-trace: the thoughts end with where the player, and the box it pushed, went after each
+    # action that ran (not after those the ended episode never ran); otherwise the same example
+    traced = sft.examples_from_episodes([ep], thought_trace=True)
+    assert [ex["trace"] for ex in traced] == ["Down to (2,1); Right to (2,2).",
+                                              "Up to (1,2); Right to (1,3), box to (1,4)."]
+    assert [ex["trace"] for ex in examples] == ["", ""]
+    for ex, plain in zip(traced, examples):
+        assert ex["response"] == plain["response"].replace(".<prediction>", ". " + ex["trace"] + "<prediction>")
+        assert {k: v for k, v in ex.items() if k not in ("response", "trace", "messages")} == \
+            {k: v for k, v in plain.items() if k not in ("response", "trace", "messages")}
+    assert traced[1]["messages"][2]["content"] == agent.THINK_START + traced[0]["response"]  # the history too
+
+
+def test_thought_trace_follows_the_slips_and_is_empty_without_pieces(tiny):
+    _, tokenizer = tiny
+    # slippery FrozenLake: the trace says where the player really went, slips included
+    responses = [wm("Right || Right || Down"), wm("Left || Up"), wm("Down"), wm("Up"), wm("Right")]
+    episodes = play(tokenizer, "frozenlake", responses, {}, group_size=4, seeds=(11, 12))
+    examples = sft.examples_from_episodes(episodes, thought_trace=True)
+    assert len(examples) >= 8
+    for ex in examples:
+        env = sft.env_at_turn(ex)
+        expected = []
+        for action in ex["executed"]:
+            env.step(action)
+            expected.append(f"{action} to ({env.pieces()['player'][0]},{env.pieces()['player'][1]})")
+        assert ex["trace"] == "; ".join(expected) + "."
+        assert env.render("grid") == ex["prediction"]
+    # Sudoku has no pieces that move: no trace
+    sudoku = play(tokenizer, "sudoku", [wm("1,2,3"), wm("2,2,2")], {}, seeds=(3,), max_turns=2)
+    assert [ex["trace"] for ex in sft.examples_from_episodes(sudoku, thought_trace=True)] == ["", ""]
+    assert agent.trace_sentence([], [{"player": (0, 0)}]) == ""
 
 
 def test_substitution_invalid_actions_broken_turns_and_history(tiny):
@@ -99,19 +131,27 @@ def test_heldout_split_is_by_puzzle(tiny):
 # -----------------------------------------------------------------------------
 # loss masks, checked by decoding the tokens that carry loss
 
-def test_loss_masks_cover_exactly_the_intended_tokens(tiny):
+@pytest.mark.parametrize("thought_trace", [False, True])
+def test_loss_masks_cover_exactly_the_intended_tokens(tiny, thought_trace):
     _, tokenizer = tiny
     episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(1), "worldmodel"), tokenizer, "sokoban",
                              [5, 6], 2, instruction="short")
-    examples = sft.examples_from_episodes(episodes)
-    assert examples
+    examples = sft.examples_from_episodes(episodes, thought_trace=thought_trace)
+    assert examples and all(bool(ex["trace"]) == thought_trace for ex in examples)
     for ex in examples[:6]:
         response = ex["response"]
         o_start, o_end = response.index("<observation>") + 13, response.index("</observation>")
         p_start, p_end = response.index("<prediction>") + 12, response.index("</prediction>")
+        t_start = p_start - 12 - len(ex["trace"])  # the trace ends the thoughts (after a space)
         expected = {"all": response + "<|im_end|>",
-                    "states": response[o_start:o_end] + response[p_start:p_end],
-                    "no-states": response[:o_start] + response[o_end:p_start] + response[p_end:] + "<|im_end|>"}
+                    "states": response[o_start:o_end] + ex["trace"] + response[p_start:p_end],
+                    "no-states": response[:o_start] + response[o_end:t_start] + response[p_start - 12:p_start]
+                    + response[p_end:] + "<|im_end|>"}
+        ids, _, kinds = sft.encode_example(tokenizer, ex, "all")
+        assert tokenizer.decode([t for t, k in zip(ids, kinds) if k == sft.TRACE]) == ex["trace"]
+        if ex["trace"]:  # a trace that is not where the response has it: a clear error, not a wrong mask
+            with pytest.raises(ValueError, match="thought trace is not right before"):
+                sft.encode_example(tokenizer, {**ex, "trace": "Up to (9,9)."}, "all")
         for spans, text in expected.items():
             ids, labels, kinds = sft.encode_example(tokenizer, ex, spans)
             assert len(ids) == len(labels) == len(kinds)
@@ -148,22 +188,25 @@ def test_shuffled_states_keep_the_form_and_say_nothing_about_the_puzzle(tiny):
     _, tokenizer = tiny
     episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(4), "worldmodel"), tokenizer,
                              "frozenlake", list(range(20, 30)), 2, instruction="short")
-    examples = sft.examples_from_episodes(episodes)
+    examples = sft.examples_from_episodes(episodes, thought_trace=True)
     shuffled = sft.shuffled_states(examples, random.Random(0))
     assert len(shuffled) == len(examples)
     pairs = []
     for ex, new in zip(examples, shuffled):
         parsed, original = agent.parse_response("<think>" + new["response"], "worldmodel"), ex["response"]
         assert parsed["format_valid"] and parsed["actions"] == agent.parse_actions(original)
-        # everything outside the two state spans is unchanged
-        strip = lambda r: (r[:r.index("<observation>")] + r[r.index("</observation>"):r.index("<prediction>")]  # noqa
-                           + r[r.index("</prediction>"):])
-        assert strip(new["response"]) == strip(original)
+        # everything outside the two state spans and the thought trace is unchanged
+        strip = lambda r, trace: (r[:r.index("<observation>")]  # noqa: E731
+                                  + r[r.index("</observation>"):r.index("<prediction>") - len(trace) - 1]
+                                  + r[r.index("</prediction>"):])
+        assert strip(new["response"], new["trace"]) == strip(original, ex["trace"])
+        assert new["response"].index("<prediction>") - len(new["trace"]) - 1 == \
+            new["response"].index(" " + new["trace"] + "<prediction>")
         # the truth stays in the fields evaluation scores against; the user messages are untouched
         assert (new["observation"], new["prediction"]) == (ex["observation"], ex["prediction"])
         assert [m for m in new["messages"] if m["role"] != "assistant"] == \
             [m for m in ex["messages"] if m["role"] != "assistant"]
-        pairs.append((parsed["observation"], parsed["prediction"]))
+        pairs.append((parsed["observation"], parsed["prediction"], new["trace"]))
     # earlier turns in a prompt read as those turns' shuffled responses, so a whole conversation is
     # one consistent text (--pack trains on exactly that)
     by_turn = {(ex["seed"], ex["sample"], ex["turn"]): ex for ex in shuffled}
@@ -177,8 +220,8 @@ def test_shuffled_states_keep_the_form_and_say_nothing_about_the_puzzle(tiny):
     for turns in sft.conversations(shuffled):
         sft.encode_conversation(tokenizer, turns, "all")  # raises if the turns disagree
     # the states are a permutation of the examples' own (observation, prediction) pairs, moved around
-    assert sorted(pairs) == sorted((ex["observation"], ex["prediction"]) for ex in examples)
-    assert sum(p == (ex["observation"], ex["prediction"]) for p, ex in zip(pairs, examples)) < len(examples) / 4
+    assert sorted(pairs) == sorted((ex["observation"], ex["prediction"], ex["trace"]) for ex in examples)
+    assert sum(p[:2] == (ex["observation"], ex["prediction"]) for p, ex in zip(pairs, examples)) < len(examples) / 4
     assert sft.shuffled_states(examples, random.Random(0)) == shuffled  # seeded
 
 
@@ -243,6 +286,11 @@ def test_presets_resolve_per_env_values_and_flags_win():
     assert sft.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "x", "--no-pack"]).pack is False
     assert sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--pack"]).pack is True
     assert sft.parse_args(["--env", "frozenlake", "--out", "x"]).pack is False
+    # the thought trace: the tiny preset's scratchpad, off at paper scale (the model's own thoughts)
+    assert all(args.thought_trace is True for args in tiny.values())
+    assert sft.parse_args(["--env", "sokoban", "--out", "x"]).thought_trace is False
+    assert sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--no-thought-trace"]).thought_trace \
+        is False
 
 
 def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
@@ -308,6 +356,10 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
         sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
     corrupt.write_text("{\"env\": \n")
     with pytest.raises(SystemExit, match="not valid JSON"):
+        sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    corrupt.write_text(json.dumps({**{key: "x" for key in sft.REQUIRED_KEYS}, "env": "sokoban", "split": "train",
+                                   "trace": 5}) + "\n")
+    with pytest.raises(SystemExit, match="thought trace is not a string"):
         sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
     with pytest.raises(SystemExit):
         sft.main(SMALL + ["--out", str(tmp_path / "v"), "--heldout-loss-turns", "-1"])
