@@ -348,11 +348,12 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
 # states in both renderings, and responses in the world-model format. Nothing is downloaded.
 #
 # Tokenisation is chosen for what the model must learn, a world model of grids:
-#  - every grid cell is its own token, so a grid row is always the same number of tokens and the
-#    cell below is always the same distance away: predicting the next grid is copying cells and
-#    editing a few, position by position (merging runs of wall saved 10% of Sokoban's tokens but
-#    broke that regularity, and the next-state accuracy with it) -- a pre-tokenizer isolates the
-#    cells of grid lines;
+#  - every line of a Sokoban or FrozenLake grid is one token (a pre-tokenizer isolates grid lines,
+#    and the corpus holds the lines of 2,000 random episodes, so BPE learns nearly every line the
+#    envs draw): a state is a few tokens that each say what they hold, so a model copies it by
+#    matching content, where with one token per cell every `____` looks alike and it must count
+#    positions. Partial merges are worse than either: merging runs of wall (per-cell otherwise)
+#    made rows differ in length and next-state accuracy fell. Per cell vs per line: README;
 #  - every coordinate "(r,c)", every move and every Sudoku move "r,c,v" is one token (and no
 #    sequence of moves merges into one), the same token wherever it stands: a move takes no
 #    leading space, so "try Right" in the thoughts and "<answer>Right" are the same "Right" and
@@ -888,9 +889,10 @@ def random_actions(env, rng, max_actions=MAX_ACTIONS_PER_TURN):
 
 def replace_states(response, observation, prediction, trace=""):
     """The response with the contents of its (only) <observation> and <prediction> spans replaced
-    by the given states, each on lines of its own, and `trace` (see trace_sentence) added to the
-    end of the thoughts after a space, just before <prediction>. This is the layout the world model learns to
-    write: a grid that starts on a fresh line tokenises cell by cell from its first row."""
+    by the given states, each on lines of its own, and `trace` (see trace_sentence), if any, added
+    after a space to the end of the thoughts, just before <prediction>. This is the layout the
+    world model learns to write: a grid that starts on a fresh line tokenises line by line from
+    its first row."""
     spans = [_only_span(response, "<observation>", "</observation>"),
              _only_span(response, "<prediction>", "</prediction>")]
     if None in spans or spans[0][1] > spans[1][0]:

@@ -184,9 +184,9 @@ def shuffled_states(examples, rng):
     format without learning the world model -- what `--loss-spans no-states` means for an
     instruction-tuned model, which writes plausible states of its own in the spans the loss leaves
     out. A tiny model learns nothing there at all: after <observation> it never learns to write a
-    state, nor when to close one. The
-    "observation"/"prediction" fields keep the truth (evaluation scores against them); "trace" is
-    the trace the new response holds (the loss masks find it by it).
+    state, nor when to close one. The "observation"/"prediction" fields keep the truth (evaluation
+    scores against them); "trace" is the trace the new response holds (the loss masks find it by
+    it).
 
     A turn's prompt holds the episode's earlier responses; they are rewritten too, to the shuffled
     responses those turns train on, so that a conversation reads the same in every later prompt
