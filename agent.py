@@ -16,6 +16,7 @@ stage-specific.
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -362,6 +363,14 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
 #  - the format tags are single tokens;
 #  - everything else is ordinary byte-level BPE over the real prompts, so the fixed instruction
 #    and format sentences, repeated in every prompt, collapse into a handful of tokens.
+#
+# The model is Qwen2 with two departures from Qwen2.5's own small models, both for learning from
+# scratch on these texts (README):
+#  - untied input and output embeddings. The random behaviour policy's planned moves are uniformly
+#    random, and a softmax trained on uniform targets pulls the four moves' output vectors
+#    together; tied, the input vectors went with them, the model could no longer tell its own
+#    plan's moves apart, and copying the plan into the trace and the answer stayed at chance;
+#  - grid-line tokens whose embeddings start as the sum of their cells' (compose_grid_line_embeddings).
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # ChatML, as Qwen's own template renders it for messages without tools.
@@ -378,7 +387,7 @@ _PRETOKEN_PATTERN = (
 TINY_VOCAB_SIZE = 2048
 TINY_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10_000.0,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
 TINY_MAX_RESPONSE_TOKENS = 128
 
 
@@ -446,7 +455,8 @@ def train_tiny_tokenizer(vocab_size=TINY_VOCAB_SIZE, seed=0):
 
 
 def build_tiny_model(out_dir, seed=0, model_config=None):
-    """Train the tiny tokenizer, initialise a tiny Qwen2 model, save both as a Hugging Face folder."""
+    """Train the tiny tokenizer, initialise a tiny Qwen2 model (grid lines composed from their
+    cells), save both as a Hugging Face folder."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     tokenizer = train_tiny_tokenizer(seed=seed)
     config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -454,10 +464,36 @@ def build_tiny_model(out_dir, seed=0, model_config=None):
                          attn_implementation="sdpa", **(model_config or TINY_MODEL))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    compose_grid_line_embeddings(model, tokenizer, seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return save_checkpoint(model, tokenizer, out_dir,
                            run_config={"preset": "tiny", "seed": seed, "model": model_config or TINY_MODEL})
+
+
+def compose_grid_line_embeddings(model, tokenizer, seed=0):
+    """Start each grid-line token's input and output embedding as the sum of one random vector per
+    (column, symbol) of its line, instead of a vector of its own.
+
+    Predicting a next state means redrawing a line with one cell changed -- `#OX_P#` becomes
+    `#OXP_#` -- and with unrelated vectors for the ~600 lines that is a lookup the model must learn
+    line by line. Built from their cells, a line's embedding differs from its successor's by the
+    vectors of the cells that changed, the same difference in every line where that change
+    happens: the model learns moves, not lines (README, Stage 1 results). Every other token keeps
+    its ordinary random initialisation; training then changes them all."""
+    lines = {i: text for i in range(len(tokenizer))
+             if re.fullmatch(f"[{_GRID_SYMBOLS}]+", text := tokenizer.decode([i]))}
+    if not lines:
+        return
+    width, hidden = max(map(len, lines.values())), model.config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    cells = torch.randn(width, len(_GRID_SYMBOLS), hidden, generator=generator) * model.config.initializer_range
+    ids = list(lines)
+    composed = torch.stack([sum(cells[c, _GRID_SYMBOLS.index(s)] for c, s in enumerate(text)) / len(text) ** 0.5
+                            for text in lines.values()])  # the same norm as a single random vector
+    with torch.no_grad():
+        for embedding in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            embedding[ids] = composed
 
 
 def ensure_tiny_model(out_dir, seed=0):

@@ -28,6 +28,33 @@ def test_tiny_preset_is_a_small_qwen2_that_reloads_identically(tiny_dir, tiny):
     assert tokenizer.encode(text) == tokenizer2.encode(text)
 
 
+def test_fresh_tiny_model_builds_grid_line_embeddings_from_cells(tiny):
+    """A grid line's embedding starts as the sum of its cells' vectors: the player moving one cell
+    right is the same vector wherever it happens, and a FrozenLake line shares its columns with a
+    Sokoban one."""
+    model, tokenizer = tiny
+    assert not model.config.tie_word_embeddings  # the input embeddings are not the softmax's (README)
+    input_embeddings, output_embeddings = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert input_embeddings.data_ptr() != output_embeddings.data_ptr()
+
+    def move(matrix, before, after):
+        ids = [tokenizer.encode(line) for line in (before, after)]
+        assert all(len(i) == 1 for i in ids), (before, after)
+        return (matrix[ids[1][0]] - matrix[ids[0][0]]) * len(before) ** 0.5
+
+    for matrix in (input_embeddings, output_embeddings):
+        step = move(matrix, "#_P__#", "#__P_#")
+        assert torch.allclose(step, move(matrix, "##P__#", "##_P_#"), atol=1e-6)
+        assert torch.allclose(step, move(matrix, "__P_", "___P"), atol=1e-6)  # columns 2 -> 3 again
+        assert torch.allclose(move(matrix, "_P__", "__P_"), move(matrix, "OP__", "O_P_"), atol=1e-6)
+        assert not torch.allclose(step, move(matrix, "_P__", "__P_"), atol=1e-3)  # columns 1 -> 2
+    lines = [i for i in range(len(tokenizer)) if re.fullmatch("[#_OXPSG√]+", tokenizer.decode([i]))]
+    others = [i for i in range(len(tokenizer)) if i not in set(lines)]
+    assert len(lines) > 300
+    norms = input_embeddings.norm(dim=-1)
+    assert 0.8 < norms[lines].mean() / norms[others].mean() < 1.25  # composed, not rescaled
+
+
 def test_tiny_preset_build_is_deterministic(tmp_path, tiny_dir):
     other = agent.build_tiny_model(str(tmp_path / "again"), seed=0)
     for name in ("tokenizer.json", "config.json"):

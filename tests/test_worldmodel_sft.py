@@ -275,16 +275,17 @@ def test_presets_resolve_per_env_values_and_flags_win():
     lrs = {env: sft.parse_args(["--env", env, "--preset", "tiny", "--out", "x"]).lr for env in envs.ENVS}
     assert lrs == sft.PRESETS["tiny"]["lr"] and set(lrs) == set(envs.ENVS)
     args = sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--lr", "5e-4", "--epochs", "3"])
-    assert (args.lr, args.epochs, args.batches) == (5e-4, 3, sft.PRESETS["tiny"]["batches"])
+    assert (args.lr, args.epochs, args.batches) == (5e-4, 3, sft.PRESETS["tiny"]["batches"]["sokoban"])
     assert sft.parse_args(["--env", "sokoban", "--out", "x"]).lr == sft.PRESETS["paper"]["lr"]
-    # the tiny preset packs FrozenLake's episodes and not Sokoban's; the paper preset packs none; the flag wins
-    tiny = {env: sft.parse_args(["--env", env, "--preset", "tiny", "--out", "x"]) for env in ("frozenlake", "sokoban")}
+    # the tiny preset packs the grid envs' episodes and not Sudoku's; the paper preset packs none; the flag wins
+    tiny = {env: sft.parse_args(["--env", env, "--preset", "tiny", "--out", "x"]) for env in envs.ENVS}
     for env, args in tiny.items():
-        assert (args.pack, args.batch_size, args.max_train_tokens) == tuple(
-            sft.PRESETS["tiny"][key][env] for key in ("pack", "batch_size", "max_train_tokens"))
-    assert tiny["frozenlake"].pack is True and tiny["sokoban"].pack is False
+        assert (args.pack, args.batch_size, args.max_train_tokens, args.batches) == tuple(
+            sft.PRESETS["tiny"][key][env] for key in ("pack", "batch_size", "max_train_tokens", "batches"))
+    assert tiny["frozenlake"].pack is True and tiny["sokoban"].pack is True and tiny["sudoku"].pack is False
+    assert tiny["frozenlake"].max_train_tokens is None  # two epochs end the run
     assert sft.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "x", "--no-pack"]).pack is False
-    assert sft.parse_args(["--env", "sokoban", "--preset", "tiny", "--out", "x", "--pack"]).pack is True
+    assert sft.parse_args(["--env", "sudoku", "--preset", "tiny", "--out", "x", "--pack"]).pack is True
     assert sft.parse_args(["--env", "frozenlake", "--out", "x"]).pack is False
     # the thought trace: the tiny preset's scratchpad, off at paper scale (the model's own thoughts)
     assert all(args.thought_trace is True for args in tiny.values())
