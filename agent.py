@@ -378,8 +378,9 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 _GRID_SYMBOLS = "#_OXPSG√"
+GRID_LINE = f"[{_GRID_SYMBOLS}]+"  # a line of a Sokoban or FrozenLake grid
 _PRETOKEN_PATTERN = (
-    rf"^[{_GRID_SYMBOLS}]+$"  # a whole line of a Sokoban/FrozenLake grid
+    rf"^{GRID_LINE}$"  # a whole line of a Sokoban/FrozenLake grid
     r"|(?:^|(?<=[1-4.]) )[1-4.](?=(?: [1-4.])*$)"  # a cell of a Sudoku line, with its leading space
     r"|\(\d+,\d+\)"  # a coordinate
     r"|\d,\d,\d"  # a Sudoku move
@@ -482,7 +483,7 @@ def compose_grid_line_embeddings(model, tokenizer, seed=0):
     happens: the model learns moves, not lines (README, Stage 1 results). Every other token keeps
     its ordinary random initialisation; training then changes them all."""
     lines = {i: text for i in range(len(tokenizer))
-             if re.fullmatch(f"[{_GRID_SYMBOLS}]+", text := tokenizer.decode([i]))}
+             if re.fullmatch(GRID_LINE, text := tokenizer.decode([i]))}
     if not lines:
         return
     width, hidden = max(map(len, lines.values())), model.config.hidden_size

@@ -50,11 +50,12 @@ PRESETS = {
                   thought_trace=False),
     # a laptop CPU in minutes: a fresh tiny model and the random behaviour policy. Self-play costs
     # seconds, so the preset plays many episodes and trains on each twice -- repeating a small
-    # dataset made the tiny model memorise instead of learning to copy and update grids. It trains
-    # on whole episodes (--pack: every turn's loss at about 40% of the compute of one sequence per
-    # turn), 4 a step at lr 1e-3: the copy of a state emerges abruptly after enough optimiser
-    # steps, and this gets the most steps into the budget. FrozenLake plays 18 batches (its
-    # episodes are shorter), Sokoban 12: about 10 minutes each on a 2-core CPU (README).
+    # dataset made the tiny model memorise instead of learning to copy and update grids. FrozenLake
+    # and Sokoban train on whole episodes (--pack: every turn's loss at about 40% of the compute of
+    # one sequence per turn), 4 a step at lr 1e-3: the copy of a state emerges abruptly after
+    # enough optimiser steps, and this gets the most steps into the budget. FrozenLake plays 18
+    # batches (its episodes are shorter), Sokoban 12: about 10 minutes each on a 2-core CPU
+    # (README). Sudoku keeps 16 single turns a step at 2e-3 (not retuned since).
     "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8,
                  batches={"frozenlake": 18, "sokoban": 12, "sudoku": 12}, instruction="short",
                  max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS,

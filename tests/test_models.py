@@ -48,8 +48,9 @@ def test_fresh_tiny_model_builds_grid_line_embeddings_from_cells(tiny):
         assert torch.allclose(step, move(matrix, "__P_", "___P"), atol=1e-6)  # columns 2 -> 3 again
         assert torch.allclose(move(matrix, "_P__", "__P_"), move(matrix, "OP__", "O_P_"), atol=1e-6)
         assert not torch.allclose(step, move(matrix, "_P__", "__P_"), atol=1e-3)  # columns 1 -> 2
-    lines = [i for i in range(len(tokenizer)) if re.fullmatch(f"[{agent._GRID_SYMBOLS}]+", tokenizer.decode([i]))]
-    others = [i for i in range(len(tokenizer)) if i not in set(lines)]
+    is_line = [bool(re.fullmatch(agent.GRID_LINE, tokenizer.decode([i]))) for i in range(len(tokenizer))]
+    lines = [i for i, line in enumerate(is_line) if line]
+    others = [i for i, line in enumerate(is_line) if not line]
     assert len(lines) > 300
     norms = input_embeddings.norm(dim=-1)
     assert 0.8 < norms[lines].mean() / norms[others].mean() < 1.25  # composed, not rescaled
