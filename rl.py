@@ -18,7 +18,8 @@ One PPO step:
   4. advantages -- the episode score on its last token (or each turn's reward on that turn's last
                    token), GAE over the assistant tokens only: prompt tokens in between are skipped
                    as if the assistant's tokens were one sequence
-  5. update     -- PPO's clipped objective (asymmetric clip), entropy bonus, optional KL, clipped
+  5. update     -- PPO's clipped objective (asymmetric clip), entropy bonus, optional KL to the
+                   starting policy (on every response token, states included), clipped
                    value loss; token means over the mini-batch, gradient accumulation over
                    micro-batches, gradient clipping; separate actor and critic optimisers.
 
@@ -454,12 +455,14 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
                     values = token_values(critic, mb["ids"], mb["attention"], mb["action"])
                 pg, low, high = policy_loss_terms(logp, mb["old_logprobs"], mb["advantages"], args.clip_low,
                                                   args.clip_high)
-                actor_loss = ((pg - args.entropy_coef * entropy) * policy).sum()
+                actor_loss = ((pg - args.entropy_coef * entropy) * policy).sum() / max(policy_tokens, 1)
                 if args.kl_coef > 0:
+                    # over every response token, the states too: with --no-state-loss the policy
+                    # gradient leaves them alone, and this is what keeps the SFT's world model
                     kl = kl_terms(logp, mb["ref_logprobs"])
-                    actor_loss = actor_loss + args.kl_coef * (kl * policy).sum()
-                    stats["kl_ref"] += (kl * policy).sum().item()
-                (actor_loss / max(policy_tokens, 1)).backward()
+                    actor_loss = actor_loss + args.kl_coef * (kl * action).sum() / max(value_tokens, 1)
+                    stats["kl_ref"] += (kl * action).sum().item()
+                actor_loss.backward()
                 vl, vclipped = value_loss_terms(values, mb["values"], mb["returns"], args.value_clip)
                 ((vl * action).sum() / max(value_tokens, 1)).backward()
                 stats["pg_loss"] += (pg * policy).sum().item()
@@ -755,7 +758,7 @@ def step_metrics(step, episodes, batch, stats, args, device, world, timings):
         "train/response_tokens": generated / max(turn_count, 1), "train/kept_episodes": kept,
         "actor/pg_loss": s["pg_loss"] / ptoks, "actor/entropy": s["entropy"] / ptoks,
         "actor/clip_frac_low": s["clip_low"] / ptoks, "actor/clip_frac_high": s["clip_high"] / ptoks,
-        "actor/approx_kl": s["approx_kl"] / ptoks, "actor/kl_ref": s["kl_ref"] / ptoks,
+        "actor/approx_kl": s["approx_kl"] / ptoks, "actor/kl_ref": s["kl_ref"] / vtoks,
         "actor/grad_norm": s["actor_grad_norm"] / opt_steps,  # the same on every rank: summed, then / steps
         "actor/sampler_logprob_gap": sampler_gap / max(n_values, 1),
         "critic/value_loss": s["value_loss"] / vtoks, "critic/value_clip_frac": s["value_clip"] / vtoks,
