@@ -445,8 +445,8 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
             rows = order[b * per_rank:(b + 1) * per_rank]
             # the token counts of the whole mini-batch, over all ranks: every micro-batch's summed
             # loss is divided by them, so the accumulated gradient is a token mean
-            policy_tokens, value_tokens = all_sum([batch["policy"][rows].sum().item(),
-                                                   batch["action"][rows].sum().item()], device)
+            policy_tokens, response_tokens = all_sum([batch["policy"][rows].sum().item(),
+                                                      batch["action"][rows].sum().item()], device)
             for micro in agent.micro_batches(rows, batch["lengths"], args.micro_batch_tokens) if rows else []:
                 mb = rows_of(batch, micro, device)
                 policy, action = mb["policy"].float(), mb["action"].float()
@@ -460,11 +460,11 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
                     # over every response token, the states too: with --no-state-loss the policy
                     # gradient leaves them alone, and this is what keeps the SFT's world model
                     kl = kl_terms(logp, mb["ref_logprobs"])
-                    actor_loss = actor_loss + args.kl_coef * (kl * action).sum() / max(value_tokens, 1)
+                    actor_loss = actor_loss + args.kl_coef * (kl * action).sum() / max(response_tokens, 1)
                     stats["kl_ref"] += (kl * action).sum().item()
                 actor_loss.backward()
                 vl, vclipped = value_loss_terms(values, mb["values"], mb["returns"], args.value_clip)
-                ((vl * action).sum() / max(value_tokens, 1)).backward()
+                ((vl * action).sum() / max(response_tokens, 1)).backward()
                 stats["pg_loss"] += (pg * policy).sum().item()
                 stats["entropy"] += (entropy * policy).sum().item()
                 stats["clip_low"] += (low * policy).sum().item()
