@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,3 +54,40 @@ def test_bench_ppo_figures():
     for key in ("rollout_s", "logprob_s", "update_s", "step_s", "peak_mem_gb"):
         assert result[key] > 0
     assert result["step_s"] >= result["rollout_s"] + result["logprob_s"] + result["update_s"] - 1e-3
+
+
+def test_gpu_checks_runner_records_results_timeouts_and_skips(tmp_path, monkeypatch, capsys):
+    """The runner of the GPU checks (run on a lent GPU, so its plumbing is tested here): a check's
+    last JSON line becomes its result, one past its limit is stopped and marked, one that no
+    longer fits the budget is skipped, and a failing one keeps its exit status."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_checks
+    py = sys.executable
+    monkeypatch.setattr(gpu_checks, "CHECKS", {
+        "ok": ([py, "-c", "print('progress'); print('{\"x\": 1}')"], 60),
+        "fails": ([py, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 60),
+        "slow": ([py, "-c", "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+                  "open(sys.argv[1], 'w').write(str(child.pid)); print('started', flush=True); time.sleep(60)",
+                  str(tmp_path / "child.pid")], 6),
+        "late": ([py, "-c", "print('{}')"], 60),
+    })
+    # a 20 s budget, 15 s left to start a check: "slow" starts within 5 s; its 6 s limit leaves "late" too little
+    gpu_checks.main(["--out", str(tmp_path), "--allow-cpu", "--budget-s", "20", "--min-slot-s", "15"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = {r["name"]: r for r in map(json.loads, open(tmp_path / "gpu_checks.jsonl"))}
+    assert list(records) == ["ok", "fails", "slow", "late"]
+    assert records["ok"]["rc"] == 0 and records["ok"]["result"] == {"x": 1} and summary["ok"] == {"x": 1}
+    assert records["fails"]["rc"] == 3 and summary["fails"]["rc"] == 3
+    assert records["slow"]["timed_out"] and records["slow"]["rc"] is None and records["slow"]["seconds"] < 15
+    assert "skipped" in records["late"] and "late" in summary
+    child = int(open(tmp_path / "child.pid").read())  # the stopped check's own child was stopped with it
+    status = f"/proc/{child}/status"
+    assert not os.path.exists(status) or "zombie" in open(status).read()
+    log = open(tmp_path / "gpu_checks.log").read()
+    assert "boom" in log and "started" in log and "progress" in log
+    with pytest.raises(SystemExit):
+        gpu_checks.main(["--checks", "nope", "--allow-cpu", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():  # no arguments on a CPU: nothing run, said in the JSON line (SPEC §9)
+        capsys.readouterr()
+        gpu_checks.main([])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checks_run"] == []
