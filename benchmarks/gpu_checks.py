@@ -71,7 +71,9 @@ def run_check(name, command, timeout_s, log):
     start = time.perf_counter()
     # its own process group, so a limit reached stops the whole check (torchrun's workers too)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True,
+                            # a lent GPU machine reaches no network: no hub look-ups that wait to time out
+                            env={"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"})
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
@@ -124,22 +126,25 @@ def main(argv=None):
     print(json.dumps(config, indent=2), file=sys.stderr, flush=True)
     deadline = time.perf_counter() + args.budget_s
     results, start = {}, time.perf_counter()
-    with open(os.path.join(out, "gpu_checks.log"), "a") as log, \
-            open(os.path.join(out, "gpu_checks.jsonl"), "a") as jsonl:
-        for n in names:
-            command, cap = CHECKS[n]
-            left = deadline - time.perf_counter()
-            if left < args.min_slot_s:
-                record = {"name": n, "skipped": f"{left:.0f}s of the budget left"}
-            else:
-                command = [part.replace("{tmp}", scratch) for part in command]
-                record = run_check(n, command, min(cap, left), log)
-            print(json.dumps(record), file=sys.stderr, flush=True)
-            jsonl.write(json.dumps(record) + "\n")
-            jsonl.flush()
-            results[n] = record.get("result", record.get("skipped")) if record.get("rc") == 0 else \
-                {k: record[k] for k in ("rc", "timed_out", "result", "skipped") if k in record}
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        with open(os.path.join(out, "gpu_checks.log"), "a") as log, \
+                open(os.path.join(out, "gpu_checks.jsonl"), "a") as jsonl:
+            for n in names:
+                command, cap = CHECKS[n]
+                left = deadline - time.perf_counter()
+                if left < args.min_slot_s:
+                    record = {"name": n, "skipped": f"{left:.0f}s of the budget left"}
+                else:
+                    command = [part.replace("{tmp}", scratch) for part in command]
+                    record = run_check(n, command, min(cap, left), log)
+                print(json.dumps(record), file=sys.stderr, flush=True)
+                jsonl.write(json.dumps(record) + "\n")
+                jsonl.flush()
+                # a passed check: its result; a failed, stopped or skipped one: what happened to it
+                results[n] = record["result"] if record.get("rc") == 0 else \
+                    {k: record[k] for k in ("rc", "timed_out", "result", "skipped") if k in record}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps({"device": config["device"], **results,
                       "minutes": round((time.perf_counter() - start) / 60, 1)}))
 
