@@ -26,6 +26,7 @@ that line, unless --allow-cpu (the checks then run their CPU halves, for trying 
 would build a 1.5B model on the CPU: leave it out with --checks).
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -74,16 +75,20 @@ def run_check(name, command, timeout_s, log):
                             start_new_session=True,
                             # a lent GPU machine reaches no network: no hub look-ups that wait to time out
                             env={"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"})
+    def stop_group():  # the whole group may have ended on its own in the meantime
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_group()
         stdout, stderr = proc.communicate()
     finally:
         if proc.poll() is None:  # interrupted: leave nothing running on the GPU
-            os.killpg(proc.pid, signal.SIGKILL)
+            stop_group()
     rc = None if timed_out else proc.returncode
     seconds = round(time.perf_counter() - start, 1)
     log.write(stderr + stdout + f"\n===== {name}: rc {rc}, {seconds}s{', timed out' if timed_out else ''}\n")
