@@ -960,6 +960,12 @@ def trace_sentence(actions, pieces):
     return "; ".join(steps) + "." if steps else ""
 
 
+_TRACE_STEP = (rf"(?:{'|'.join(sorted(set(envs.Sokoban.ACTIONS) | set(envs.FrozenLake.ACTIONS)))})"
+               r" to \(\d+,\d+\)(?:, box to \(\d+,\d+\))*")
+# A trace_sentence where replace_states puts it: the end of the thoughts, just before <prediction>.
+# The trace states positions (it is world model, not plan), so the PPO stages treat it as a state.
+TRACE_BEFORE_PREDICTION = re.compile(rf"{_TRACE_STEP}(?:; {_TRACE_STEP})*\.(?=\s*<prediction>)")
+
 def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
     """What the random-action behaviour policy writes (SPEC §4): the format with random actions,
     stated as its plan in the thoughts before the prediction, so that the prediction is a function

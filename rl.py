@@ -99,8 +99,9 @@ def parse_args(argv=None):
       help="online world-model RL: this bonus per turn for an exact <observation> and again for an exact "
            "<prediction> (needs --mode worldmodel)")
     p("--state-loss", action=argparse.BooleanOptionalAction,
-      help="--no-state-loss leaves the <observation>/<prediction> contents out of the policy loss: SFT learnt the "
-           "states, PPO learns the actions (tiny preset's default: with them in, PPO wore the format down)")
+      help="--no-state-loss leaves the <observation>/<prediction> contents and the position trace before the "
+           "<prediction> out of the policy loss: SFT learnt the states, PPO learns the actions (tiny preset's "
+           "default: with them in, PPO wore the format down)")
     # PPO
     p("--steps", type=int, help="PPO steps")
     p("--ppo-epochs", type=int, default=1, help="passes over each step's batch")
@@ -220,10 +221,12 @@ def build_critic(model_path, device, seed):
 
 def state_span_mask(tokenizer, tokens):
     """1 for the response tokens that overlap the contents of a complete <observation>...</observation>
-    or <prediction>...</prediction> span, found in the text of the tokens decoded one by one."""
+    or <prediction>...</prediction> span, or the step-by-step trace written just before the
+    <prediction> (agent.TRACE_BEFORE_PREDICTION: "Right to (0,1)."), found in the text of the
+    tokens decoded one by one."""
     pieces = tokenizer.batch_decode([[t] for t in tokens])
     text = "".join(pieces)
-    spans = []
+    spans = [match.span() for match in agent.TRACE_BEFORE_PREDICTION.finditer(text)]
     for open_tag, close_tag in (("<observation>", "</observation>"), ("<prediction>", "</prediction>")):
         start = text.find(open_tag)
         while start != -1:

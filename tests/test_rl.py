@@ -200,6 +200,27 @@ def test_state_span_mask_covers_exactly_the_state_contents(tiny):
     assert sum(rl.state_span_mask(tokenizer, tokens)) == 0
 
 
+def test_state_span_mask_covers_the_thought_trace_before_the_prediction(tiny):
+    _, tokenizer = tiny
+    # the layout self-play SFT trains on: the trace of positions ends the thoughts (agent.replace_states)
+    response = ("<observation>\nP___\n____\n</observation>I will try Right || Down. Right to (0,1); Down to (1,1)."
+                "<prediction>\n____\n_P__\n</prediction></think><answer>Right || Down</answer><|im_end|>")
+    tokens = tokenizer.encode(response, add_special_tokens=False)
+    kept = tokenizer.decode([t for t, m in zip(tokens, rl.state_span_mask(tokenizer, tokens)) if not m])
+    assert kept.replace(" ", "") == ("<observation></observation>Iwilltry Right||Down.<prediction></prediction>"
+                                     "</think><answer>Right||Down</answer><|im_end|>").replace(" ", "")
+    # a Sokoban trace with a push is masked as well; the same words anywhere else in the thoughts are not
+    response = ("<observation>\n#P\n</observation>Up to (1,1), box to (0,1). Then I will try Up."
+                "<prediction>\n#P\n</prediction></think><answer>Up</answer>")
+    tokens = tokenizer.encode(response, add_special_tokens=False)
+    masked = tokenizer.decode([t for t, m in zip(tokens, rl.state_span_mask(tokenizer, tokens)) if m])
+    assert masked.replace("\n", "") == "#P#P"
+    response = ("<observation>\n#P\n</observation>I will try Up. Up to (1,1), box to (0,1)."
+                "<prediction>\n#P\n</prediction></think><answer>Up</answer>")
+    tokens = tokenizer.encode(response, add_special_tokens=False)
+    masked = tokenizer.decode([t for t, m in zip(tokens, rl.state_span_mask(tokenizer, tokens)) if m])
+    assert masked.replace("\n", "").replace(" ", "") == "#PUpto(1,1),boxto(0,1).#P"
+
 def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
     _, tokenizer = tiny
     policy = agent.random_policy(tokenizer, random.Random(0), "worldmodel")
