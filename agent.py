@@ -966,6 +966,7 @@ _TRACE_STEP = (rf"(?:{'|'.join(sorted(set(envs.Sokoban.ACTIONS) | set(envs.Froze
 # The trace states positions (it is world model, not plan), so the PPO stages treat it as a state.
 TRACE_BEFORE_PREDICTION = re.compile(rf"{_TRACE_STEP}(?:; {_TRACE_STEP})*\.(?=\s*<prediction>)")
 
+
 def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
     """What the random-action behaviour policy writes (SPEC §4): the format with random actions,
     stated as its plan in the thoughts before the prediction, so that the prediction is a function
