@@ -28,7 +28,8 @@ train_state.pt (resume: run the same command again) and model/ (the final actor 
 checkpoint, the input of evaluate.py). The last line printed is JSON.
 
 Every step's randomness is a function of (--seed, step, rank): the puzzles of step s are
-train_seed_start + s * env_groups + (0 .. env_groups-1), the sampler is reseeded each step, and the
+train_seed_start + s * env_groups + (0 .. env_groups-1) (modulo --train-puzzles when it is set: a
+fixed set of training puzzles, played again and again), the sampler is reseeded each step, and the
 mini-batch order is drawn from the same key. A resumed run therefore continues exactly as an
 uninterrupted one would.
 """
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     p("--max-response-tokens", type=int, help="tokens per turn")
     p("--max-context-tokens", type=int, help="tokens per conversation")
     p("--train-seed-start", type=int, default=10_000, help="puzzle seed of step 0's first group (SPEC §3)")
+    p("--train-puzzles", type=int, default=0,
+      help="train on this many puzzles only (seeds from --train-seed-start), played again in turn; 0: new "
+           "puzzles every step")
     # rewards
     p("--turn-rewards", action="store_true",
       help="each turn's reward on that turn's last token (default: the episode score on the last token)")
@@ -137,6 +141,8 @@ def parse_args(argv=None):
     problems = []
     if args.mode == "base" and args.worldmodel_reward:
         problems.append("--worldmodel-reward needs --mode worldmodel (base-mode responses carry no states)")
+    if args.train_puzzles < 0:
+        problems.append("--train-puzzles must be >= 0 (0: new puzzles every step)")
     if not 0 < args.keep_groups <= 1:
         problems.append("--keep-groups must be in (0, 1]")
     if min(args.env_groups, args.group_size, args.steps, args.mini_batch, args.ppo_epochs, args.max_turns,
@@ -218,6 +224,15 @@ def build_critic(model_path, device, seed):
 # Batches. Every per-token quantity is a (b, T) tensor aligned with the token ids: position t holds
 # what concerns token t (its log-prob given tokens < t, the value of the state before it, its
 # reward). Sequences are right-padded; pads and prompt tokens are 0 in every mask.
+
+def step_puzzle_seeds(args, step):
+    """The env seeds of a step's puzzles: the next env_groups of the training sequence, which is
+    endless, or cycles through the first --train-puzzles of it."""
+    indices = range(step * args.env_groups, (step + 1) * args.env_groups)
+    if args.train_puzzles:
+        indices = [i % args.train_puzzles for i in indices]
+    return [args.train_seed_start + i for i in indices]
+
 
 def state_span_mask(tokenizer, tokens):
     """1 for the response tokens that overlap the contents of a complete <observation>...</observation>
@@ -676,8 +691,7 @@ def main(argv=None):
             move_optimizer_state(actor_opt, "cpu")
             move_optimizer_state(critic_opt, "cpu")
         # rollout: this rank's share of the step's puzzles
-        first = args.train_seed_start + step * args.env_groups
-        seeds = list(range(first, first + args.env_groups))[rank::world]
+        seeds = step_puzzle_seeds(args, step)[rank::world]
         generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "rollout", step, rank))
         policy = agent.model_policy(sampler.eval(), tokenizer, temperature=args.temperature, generator=generator)
         episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.group_size, **rollout_kwargs(args))

@@ -252,6 +252,17 @@ def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
     assert len(rl.filter_groups(episodes, 1.0)) == len(episodes)
 
 
+def test_step_puzzle_seeds_are_new_every_step_or_cycle_through_the_training_puzzles():
+    args = rl.parse_args(["--env", "frozenlake", "--out", "unused", "--env-groups", "3", "--train-seed-start", "100"])
+    assert [rl.step_puzzle_seeds(args, step) for step in range(3)] == [[100, 101, 102], [103, 104, 105],
+                                                                       [106, 107, 108]]
+    args.train_puzzles = 4
+    assert [rl.step_puzzle_seeds(args, step) for step in range(3)] == [[100, 101, 102], [103, 100, 101],
+                                                                       [102, 103, 100]]
+    args.train_puzzles = 2  # fewer puzzles than groups: every group still gets one, in turn
+    assert rl.step_puzzle_seeds(args, 0) == [100, 101, 100]
+
+
 # -----------------------------------------------------------------------------
 # An update moves the policy the right way
 
@@ -394,6 +405,8 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     assert result.returncode == 2 and "--env-overrides" in result.stderr and "slipery" in result.stderr
     result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--worldmodel-reward", "0.1")
     assert result.returncode == 2 and "--mode worldmodel" in result.stderr
+    result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--train-puzzles", "-1")
+    assert result.returncode == 2 and "--train-puzzles must be >= 0" in result.stderr
     result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--model", str(tmp_path / "missing"))
     assert result.returncode == 1 and "error: cannot load" in result.stderr and "Traceback" not in result.stderr
     out = tmp_path / "corrupt"
@@ -424,9 +437,11 @@ def test_memory_plan_of_the_paper_configuration():
 
 def test_every_switch_runs_end_to_end(tiny_dir, tmp_path):
     """KL to a reference, turn-level rewards, the online world-model reward, the state mask, two PPO
-    epochs, gradient checkpointing, optimiser offload and a bf16 sampler copy, together."""
+    epochs, gradient checkpointing, optimiser offload, a bf16 sampler copy and a fixed set of training
+    puzzles (fewer than a step's groups: one puzzle twice in a step), together."""
     summary = rl.main(tiny_run(tiny_dir, tmp_path / "all", "--kl-coef", "0.05", "--turn-rewards",
                                "--worldmodel-reward", "0.1", "--no-state-loss", "--ppo-epochs", "2",
+                               "--train-puzzles", "3",
                                "--grad-checkpointing", "--offload-optimizer", "--rollout-dtype", "bf16"))
     rows = [json.loads(line) for line in open(tmp_path / "all" / "metrics.jsonl")]
     train = [r for r in rows if "train/reward" in r]
