@@ -13,10 +13,11 @@ Both are played through the same rollout, prompts and parser as a model.
     python evaluate.py --env frozenlake --model runs/sft-frozenlake/model --model runs/rl-frozenlake/model
     python evaluate.py --all-envs --policy random --policy oracle           # reference rows only, no model
     python evaluate.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --mode base --render grid
+    python evaluate.py --env frozenlake --model runs/a/model --model runs/b/model --diff runs/a/model runs/b/model
 
 Outputs in --out: report.md (one table per env), report.json (every number and the resolved
 config), episodes.jsonl (every episode: messages, per-turn states, actions, rewards). The last
-line printed is {"rows": [...]} with one row per policy and env.
+line printed is {"rows": [...]} with one row per policy and env (and "differences": [...] with --diff).
 
 Definitions:
 - pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) on each puzzle's n samples with c
@@ -38,6 +39,9 @@ Definitions:
   compute it: FrozenLake's random and oracle rows by dynamic programming on the transition model
   (env.random_success, env.oracle), the oracle on Sokoban and Sudoku (1.0: every puzzle's optimal
   solution fits the budget).
+- --diff A B: pass@1 of A minus B on the same puzzles, with two 95% bootstrap intervals
+  (paired_difference): over puzzles (would it hold on other puzzles like these?) and over each
+  puzzle's samples with the puzzles fixed (is it more than sampling noise on these puzzles?).
 
 Beyond the paper's Pass@k (SPEC §6), and why: the reference rows and the bootstrap intervals make
 a number readable on its own (is 0.3 good? is 0.3 vs 0.35 a difference?); world-model accuracy
@@ -108,6 +112,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-puzzles", type=int, default=32,
                         help="puzzles per rollout batch (x samples episodes decode together; memory)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--diff", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also report pass@1 of A minus B on the same puzzles, with paired intervals; A and B "
+                             "as given to --model, or random / oracle (repeatable)")
     args = parser.parse_args(argv)
     if args.puzzles < 1 or args.samples < 1 or args.batch_puzzles < 1:
         parser.error("--puzzles, --samples and --batch-puzzles must be >= 1")
@@ -122,6 +129,10 @@ def parse_args(argv=None):
     if args.env_overrides and (problem := agent.env_overrides_problem(args.env, args.env_overrides)):
         parser.error(problem)
     args.model = list(dict.fromkeys(args.model))  # each checkpoint once
+    names = args.model + reference_policies(args)
+    for pair in args.diff:
+        if unknown := [name for name in pair if name not in names]:
+            parser.error(f"--diff {' '.join(pair)}: {unknown[0]!r} is not evaluated here (one of: {', '.join(names)})")
     return args
 
 
@@ -142,6 +153,35 @@ def bootstrap_ci(per_puzzle, rng, resamples=1000, level=0.95):
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)  # (resamples,)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def reference_policies(args):
+    """The reference rows played: those asked for with --policy, both whenever a model is evaluated."""
+    return [p for p in REFERENCE_POLICIES if p in args.policy or args.model]
+
+
+def paired_difference(successes_a, successes_b, rng, resamples=1000, level=0.95):
+    """pass@1 of A minus pass@1 of B, both played on the same puzzles ({seed: [success, ...]}),
+    and two 95% percentile bootstrap intervals that answer different questions:
+      ci_puzzles -- resampling puzzles (the same draw for A and B): would the difference hold on
+                    other puzzles like these? The interval for a claim about the env.
+      ci_samples -- resampling each puzzle's samples, the puzzles fixed: is the difference more
+                    than sampling noise on these puzzles? The interval for a claim about this set
+                    (say, the maps a policy was trained on). A puzzle's n resampled successes out
+                    of c in n are Binomial(n, c/n), so they are drawn as that."""
+    if sorted(successes_a) != sorted(successes_b):
+        raise ValueError("a paired difference needs the same puzzles on both sides")
+    seeds = sorted(successes_a)
+    n_a, n_b = (np.array([len(side[s]) for s in seeds]) for side in (successes_a, successes_b))
+    p_a, p_b = (np.array([np.mean(side[s]) for s in seeds]) for side in (successes_a, successes_b))
+    per_puzzle = p_a - p_b  # (puzzles,)
+    over_puzzles = per_puzzle[rng.integers(0, len(seeds), size=(resamples, len(seeds)))].mean(axis=1)
+    within = (rng.binomial(n_a, p_a, size=(resamples, len(seeds))) / n_a
+              - rng.binomial(n_b, p_b, size=(resamples, len(seeds))) / n_b).mean(axis=1)
+    quantiles = [(1 - level) / 2, (1 + level) / 2]
+    return {"pass@1_diff": round(float(per_puzzle.mean()), 4), "puzzles": len(seeds),
+            "ci_puzzles": [round(float(q), 4) for q in np.quantile(over_puzzles, quantiles)],
+            "ci_samples": [round(float(q), 4) for q in np.quantile(within, quantiles)]}
 
 
 # -----------------------------------------------------------------------------
@@ -305,8 +345,8 @@ def fmt(value):
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def markdown(rows, env_names, ks, args):
-    """One table per env: the reference rows around the models."""
+def markdown(rows, env_names, ks, args, differences=()):
+    """One table per env: the reference rows around the models; then the --diff pairs."""
     columns = ["pass@1 [95% CI]"] + [f"pass@{k}" for k in ks[1:]] + [
         "exact", "format valid", "actions", "turns", "score", "obs. exact", "pred. exact (best)"]
     lines = []
@@ -322,6 +362,15 @@ def markdown(rows, env_names, ks, args):
                 fmt(r["exact_success"]), fmt(r["format_valid"]), fmt(r["actions"]), fmt(r["turns"]),
                 fmt(r["score"]), fmt(r["observation_exact"]), pred]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if differences:
+        lines += ["Paired differences of pass@1 (A − B on the same puzzles; 95% bootstrap intervals over puzzles, "
+                  "and over samples with the puzzles fixed):", "",
+                  "| env | A − B | difference | CI over puzzles | CI over samples |", "|---|---|---|---|---|"]
+        for d in differences:
+            (lo, hi), (s_lo, s_hi) = d["ci_puzzles"], d["ci_samples"]
+            lines.append(f"| {d['env']} | {d['a']} − {d['b']} | {d['pass@1_diff']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                         f"[{s_lo:.3f}, {s_hi:.3f}] |")
         lines.append("")
     lines += [LEGEND, ""]
     for name, s in {r["name"]: r["settings"] for r in rows}.items():
@@ -339,7 +388,7 @@ def main(argv=None):
 
     # 1. check every checkpoint (tokenizer, chat template) before any work; resolve its settings
     checkpoints = {path: checkpoint_settings(path, args) for path in args.model}
-    references = [p for p in REFERENCE_POLICIES if p in args.policy or args.model]
+    references = reference_policies(args)
     if checkpoints:
         ref_tokenizer, ref_settings = next(iter(checkpoints.values()))
     else:
@@ -357,7 +406,7 @@ def main(argv=None):
     # 2. play: random first, then the models, the oracle last (one model in memory at a time)
     policies = [("random", None)] * ("random" in references) + [(p, p) for p in checkpoints] + \
         [("oracle", None)] * ("oracle" in references)
-    rows = []
+    rows, successes = [], {}  # successes: (name, env) -> {puzzle seed: [success of each sample]}
     progress = tqdm(total=len(policies) * len(env_names), desc="evaluate", disable=None)
     with open(os.path.join(args.out, "episodes.jsonl.tmp"), "w") as episodes_file:
         for name, path in policies:
@@ -395,6 +444,8 @@ def main(argv=None):
                                f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "
                                f"understates it", file=sys.stderr)
                 rows.append(row)
+                for ep in episodes:
+                    successes.setdefault((name, env_name), {}).setdefault(ep.seed, []).append(ep.success)
                 episodes_file.writelines(json.dumps(episode_record(name, ep), ensure_ascii=False) + "\n"
                                          for ep in episodes)
                 progress.update(1)
@@ -408,13 +459,16 @@ def main(argv=None):
 
     # 3. report: rows grouped by env, in policy order
     rows.sort(key=lambda r: env_names.index(r["env"]))
-    table = markdown(rows, env_names, ks, args)
+    differences = [{"a": a, "b": b, "env": env_name, **paired_difference(
+        successes[a, env_name], successes[b, env_name], np.random.default_rng(args.seed))}
+        for a, b in args.diff for env_name in env_names]
+    table = markdown(rows, env_names, ks, args, differences)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump({"config": config, "rows": rows}, f, indent=2)
+        json.dump({"config": config, "rows": rows, "differences": differences}, f, indent=2)
     print(table, flush=True)
-    print(json.dumps({"rows": rows}), flush=True)
+    print(json.dumps({"rows": rows, **({"differences": differences} if differences else {})}), flush=True)
     return rows
 
 

@@ -58,6 +58,28 @@ def test_bootstrap_interval():
     assert ev.bootstrap_ci([0.25] * 10, np.random.default_rng(0)) == [0.25, 0.25]
 
 
+def test_paired_difference():
+    a = {1: [1, 1, 0, 0], 2: [1, 1, 1, 1]}
+    b = {2: [1, 1, 1, 0], 1: [0, 0, 0, 0]}  # the same puzzles, in any order
+    d = ev.paired_difference(a, b, np.random.default_rng(0))
+    assert d["pass@1_diff"] == 0.375 and d["puzzles"] == 2  # (0.5 + 0.25) / 2
+    assert d == ev.paired_difference(a, b, np.random.default_rng(0))  # seeded
+    # deterministic outcomes on every puzzle: no noise over samples
+    d = ev.paired_difference({1: [1, 1], 2: [0, 0]}, {1: [0, 0], 2: [0, 0]}, np.random.default_rng(0))
+    assert d["pass@1_diff"] == 0.5 and d["ci_samples"] == [0.5, 0.5] and d["ci_puzzles"][0] == 0.0
+    # every puzzle differs by the same 0.25: nothing varies over puzzles, the sample noise remains, and
+    # its interval is +-1.96 standard errors of two independent binomial means over 16 puzzles x 64 samples
+    a = {seed: [1, 0] * 32 for seed in range(16)}
+    b = {seed: [1, 0, 0, 0] * 16 for seed in range(16)}
+    d = ev.paired_difference(a, b, np.random.default_rng(0), resamples=4000)
+    assert d["pass@1_diff"] == 0.25 and d["ci_puzzles"] == [0.25, 0.25]
+    se = math.sqrt((0.5 * 0.5 + 0.25 * 0.75) / 64 / 16)
+    lo, hi = d["ci_samples"]
+    assert lo < 0.25 < hi and (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    with pytest.raises(ValueError, match="same puzzles"):
+        ev.paired_difference({1: [1]}, {2: [1]}, np.random.default_rng(0))
+
+
 # -----------------------------------------------------------------------------
 # The random policy's exact success on FrozenLake (envs.FrozenLake.random_success)
 
@@ -154,6 +176,27 @@ def test_env_overrides_reach_the_puzzles_and_the_exact_values(tmp_path, capsys):
     episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
     assert {e["messages"][1]["content"].split("State:\n")[1][:19] for e in episodes} == {"____\n_PG_\n____\n____"}
     assert json.load(open(out / "report.json"))["config"]["env_overrides"] == overrides
+
+
+def test_diff_reports_the_paired_difference_of_two_rows(tmp_path, capsys):
+    out = tmp_path / "out"
+    rows = ev.main(["--env", "frozenlake", "--policy", "random", "--policy", "oracle", "--puzzles", "16",
+                    "--samples", "4", "--k", "4", "--diff", "oracle", "random", "--out", str(out)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (d,) = last["differences"]
+    assert last["rows"] == rows and json.load(open(out / "report.json"))["differences"] == [d]
+    assert (d["a"], d["b"], d["env"], d["puzzles"]) == ("oracle", "random", "frozenlake", 16)
+    assert d["pass@1_diff"] == pytest.approx(row(rows, "oracle")["pass@1"] - row(rows, "random")["pass@1"], abs=1e-3)
+    # recomputed from the episodes the run kept, with the bootstrap seeded by --seed (0)
+    successes = {}
+    for line in open(out / "episodes.jsonl"):
+        e = json.loads(line)
+        successes.setdefault(e["name"], {}).setdefault(e["seed"], []).append(e["success"])
+    assert ev.paired_difference(successes["oracle"], successes["random"], np.random.default_rng(0)) == \
+        {k: v for k, v in d.items() if k not in ("a", "b", "env")}
+    lo, hi = d["ci_puzzles"]
+    assert f"| frozenlake | oracle − random | {d['pass@1_diff']:.3f} | [{lo:.3f}, {hi:.3f}] |" in \
+        open(out / "report.md").read()
 
 
 # -----------------------------------------------------------------------------
@@ -266,6 +309,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
         "--k must be": ["--env", "sokoban", "--policy", "random", "--samples", "4", "--k", "8"],
         "--env-overrides": ["--env", "frozenlake", "--policy", "random", "--env-overrides", '{"colour": 1}'],
         "not --all-envs": ["--all-envs", "--policy", "random", "--env-overrides", '{"slippery": false}'],
+        "is not evaluated here": ["--env", "sokoban", "--policy", "random", "--diff", "random", "oracle"],
     }
     for expected, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:
