@@ -2,8 +2,9 @@
 The paper's comparison at tiny scale (SPEC §1, §5): SPA vs vanilla PPO vs online world-model RL,
 from a fresh tiny model, on this machine's CPU, in one command.
 
-    python benchmarks/bench_learning.py --env frozenlake            # the full run (see README for its time)
-    python benchmarks/bench_learning.py --env frozenlake --quick    # the pipeline in about 9 minutes
+    python benchmarks/bench_learning.py --env frozenlake                  # the full run (see README for its time)
+    python benchmarks/bench_learning.py --env frozenlake --quick          # the pipeline in about 9 minutes
+    python benchmarks/bench_learning.py --env frozenlake --fixed-maps 8   # PPO on 8 fixed maps, 3 PPO seeds an arm
 
 Three arms that differ only in the switch under study, with the same self-play data, the same
 number of PPO steps and the same episodes per step (same puzzle seeds):
@@ -17,15 +18,29 @@ number of PPO steps and the same episodes per step (same puzzle seeds):
            left it format-invalid in every episode, scoring -0.5 each, and PPO had no signal.)
   online   vanilla's SFT checkpoint -> PPO rewarding exact <observation>/<prediction> online
            (--worldmodel-reward, with the states in the policy loss: the reward must reach them)
-Then evaluate.py plays the same validation puzzles with the three final models and the two SFT
-checkpoints, next to the random and oracle rows.
+Then evaluate.py plays the same validation puzzles with the final models and the two SFT
+checkpoints, next to the random and oracle rows, and pairs spa with vanilla and with online on
+those puzzles (evaluate.py --diff).
 
-Outputs in --out: each stage's run folder (sft-spa, sft-vanilla, rl-spa, rl-vanilla, rl-online,
-eval), report.md (the table and the learning curves) and report.json (every number, the curves:
-validation Pass@1 and Pass@8 against PPO step for each arm). A stage whose final checkpoint
+Two questions, two modes:
+  default        new puzzles every PPO step, evaluation on unseen puzzles (seeds 123, ...): does
+                 the policy generalise? The paper's claim.
+  --fixed-maps N PPO plays the same N puzzles at every step (seeds 10000, ...; every group kept;
+                 FrozenLake without slips, so a memorised plan always succeeds), 30 steps, and the
+                 models are evaluated on those N puzzles with 64 samples each: does the SFT make
+                 PPO learn faster where it can learn at this budget? Memorisation, not
+                 generalisation. PPO seeds vary more than the evaluation noise here, so each arm
+                 runs --ppo-seeds times (default 3; the SFT checkpoints are shared).
+
+Outputs in --out: each stage's run folder (sft-spa, sft-vanilla, rl-RUN for each run: rl-spa, or
+rl-spa-seed0, rl-spa-seed1, ... with several PPO seeds; eval), report.md (the table, the paired
+differences, the learning curves) and report.json (every number, the curves: validation Pass@1
+and Pass@8 against PPO step for each run; every stage's argv). A stage whose final checkpoint
 exists is not run again, so an interrupted benchmark continues where it stopped. The last stdout
 line is JSON: spa_pass1, vanilla_pass1, online_pass1, oracle, random, spa_pass1_ci,
-vanilla_pass1_ci (half-widths of the 95% bootstrap intervals), spa_pass8, vanilla_pass8, minutes.
+vanilla_pass1_ci (half-widths of the 95% bootstrap intervals), spa_pass8, vanilla_pass8, minutes;
+with several PPO seeds the arm figures are means over them, and *_pass1_seeds and
+spa_minus_vanilla_seeds ([difference, 95% interval over samples] per seed) give each run.
 """
 import argparse
 import contextlib
@@ -40,13 +55,18 @@ import rl  # noqa: E402
 import worldmodel_sft  # noqa: E402
 
 # SFT flags, PPO flags and evaluation puzzles: the full run (the presets' defaults) and --quick, a
-# check of the whole pipeline in minutes (too small to learn more than the format)
+# check of the whole pipeline in minutes (too small to learn more than the format); fixed_* replace
+# the PPO steps and the evaluation samples with --fixed-maps
 SCALES = {
-    "full": dict(sft=[], ppo=["--steps", "20", "--val-every", "5"], puzzles=128),
+    "full": dict(sft=[], ppo=["--steps", "20", "--val-every", "5"], puzzles=128, samples=8,
+                 fixed_ppo=["--steps", "30", "--val-every", "10"], fixed_samples=64),
     "quick": dict(sft=["--batches", "1", "--epochs", "1", "--lr", "2e-3", "--eval-turns", "20"],
-                  ppo=["--steps", "2", "--val-every", "1", "--env-groups", "8", "--val-puzzles", "16"], puzzles=16),
+                  ppo=["--steps", "2", "--val-every", "1", "--env-groups", "8", "--val-puzzles", "16"], puzzles=16,
+                  samples=8, fixed_ppo=["--steps", "2", "--val-every", "1"], fixed_samples=8),
 }
 WORLDMODEL_REWARD = 0.1
+FIXED_MAPS_SEED_START = 10_000  # --fixed-maps: the first training puzzle (rl.py's default), also validated on
+ARMS = ("spa", "vanilla", "online")
 
 
 def log(msg):
@@ -65,6 +85,66 @@ def run_stage(name, done_path, main, argv):
     log(f"{name}: {time.perf_counter() - start:.0f}s")
 
 
+def ppo_seeds(args):
+    return list(range(args.seed, args.seed + args.ppo_seeds))
+
+
+def run_name(arm, seed, args):
+    """spa, vanilla, online; with several PPO seeds spa-seed0, spa-seed1, ..."""
+    return arm if args.ppo_seeds == 1 else f"{arm}-seed{seed}"
+
+
+def stage_argvs(args, out):
+    """The argv of every stage, by name: sft-spa, sft-vanilla, rl-RUN for each run (arm and PPO
+    seed), evaluate. The arms' argvs differ only in the switch under study."""
+    scale = SCALES["quick" if args.quick else "full"]
+    path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+    common = ["--env", args.env, "--preset", "tiny"]
+    sft = common + ["--seed", str(args.seed)] + scale["sft"]
+    stages = {
+        # 1. self-play SFT: the SPA arm plays and trains on the true states; vanilla trains on the same
+        # dataset with every turn's states taken from another random turn
+        "sft-spa": sft + ["--loss-spans", "all", "--out", path("sft-spa")],
+        "sft-vanilla": sft + ["--state-targets", "shuffled", "--data", path("sft-spa", "dataset.jsonl"),
+                              "--out", path("sft-vanilla")]}
+    evaluation = ["--env", args.env, "--puzzles", str(scale["puzzles"]), "--samples", str(scale["samples"])]
+    ppo = scale["ppo"]
+    if args.fixed_maps:
+        # every step plays the same maps (every group kept), validation and evaluation play them too;
+        # FrozenLake without slips, so that a memorised plan always succeeds
+        maps, first = str(args.fixed_maps), str(FIXED_MAPS_SEED_START)
+        overrides = ["--env-overrides", json.dumps({"slippery": False})] if args.env == "frozenlake" else []
+        ppo = scale["fixed_ppo"] + ["--train-puzzles", maps, "--env-groups", maps, "--keep-groups", "1",
+                                    "--train-seed-start", first, "--val-seed-start", first, "--val-puzzles", maps]
+        ppo += overrides
+        evaluation = ["--env", args.env, "--puzzles", maps, "--samples", str(scale["fixed_samples"]),
+                      "--val-seed-start", first] + overrides
+    # 2. PPO: the same steps, puzzles and episodes for every arm (and each PPO seed)
+    arm_flags = {"spa": ["--model", path("sft-spa", "model")],
+                 "vanilla": ["--model", path("sft-vanilla", "model")],
+                 "online": ["--model", path("sft-vanilla", "model"), "--worldmodel-reward", str(WORLDMODEL_REWARD),
+                            "--state-loss"]}
+    for seed in ppo_seeds(args):
+        for arm in ARMS:
+            name = run_name(arm, seed, args)
+            stages[f"rl-{name}"] = common + ["--seed", str(seed)] + ppo + arm_flags[arm] + ["--out", path(f"rl-{name}")]
+    # 3. evaluation: the same puzzles for every model, with the reference rows; spa - vanilla and
+    # spa - online paired on the same puzzles for each PPO seed, and for the SFT checkpoints
+    evaluation += ["--seed", str(args.seed), "--out", path("eval")]
+    for name in ("sft-spa", "sft-vanilla"):
+        evaluation += ["--model", path(name, "model")]
+    for seed in ppo_seeds(args):
+        for arm in ARMS:
+            evaluation += ["--model", path(f"rl-{run_name(arm, seed, args)}", "model")]
+    for seed in ppo_seeds(args):
+        spa = path(f"rl-{run_name('spa', seed, args)}", "model")
+        for other in ("vanilla", "online"):
+            evaluation += ["--diff", spa, path(f"rl-{run_name(other, seed, args)}", "model")]
+    evaluation += ["--diff", path("sft-spa", "model"), path("sft-vanilla", "model")]
+    stages["evaluate"] = evaluation
+    return stages
+
+
 def curve(run_dir):
     """Validation Pass@1 and Pass@8 against PPO step."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -76,86 +156,106 @@ def half_width(ci):
     return round((ci[1] - ci[0]) / 2, 4)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="frozenlake", choices=("frozenlake", "sokoban"), help="environment")
     parser.add_argument("--quick", action="store_true", help="a small run of the whole pipeline (minutes)")
-    parser.add_argument("--out", help="folder for the runs and the report (default: runs/learning-ENV[-quick])")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    args = parser.parse_args()
-    scale = SCALES["quick" if args.quick else "full"]
-    out = args.out or os.path.join("runs", f"learning-{args.env}" + ("-quick" if args.quick else ""))
+    parser.add_argument("--fixed-maps", type=int, default=0, metavar="N",
+                        help="PPO trains on N fixed puzzles (FrozenLake: without slips), and the models are "
+                             "evaluated on those same puzzles (0: new puzzles every step, unseen ones in evaluation)")
+    parser.add_argument("--ppo-seeds", type=int, help="PPO runs per arm, seeds --seed, --seed + 1, ... "
+                                                      "(default: 3 with --fixed-maps, else 1)")
+    parser.add_argument("--out", help="folder for the runs and the report "
+                                      "(default: runs/learning-ENV[-fixedN][-quick])")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the SFT stages, the first PPO seed")
+    args = parser.parse_args(argv)
+    if args.fixed_maps < 0:
+        parser.error("--fixed-maps must be >= 0")
+    if args.ppo_seeds is None:
+        args.ppo_seeds = 3 if args.fixed_maps else 1
+    if args.ppo_seeds < 1:
+        parser.error("--ppo-seeds must be >= 1")
+    out = args.out or os.path.join("runs", f"learning-{args.env}" + (f"-fixed{args.fixed_maps}" if args.fixed_maps
+                                                                       else "") + ("-quick" if args.quick else ""))
     os.makedirs(out, exist_ok=True)
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
-    common = ["--env", args.env, "--preset", "tiny", "--seed", str(args.seed)]
+    log(json.dumps({**vars(args), "out": out}, sort_keys=True))
+    stages = stage_argvs(args, out)
+    runs = {arm: [run_name(arm, seed, args) for seed in ppo_seeds(args)] for arm in ARMS}
     start = time.perf_counter()
 
-    # 1. self-play SFT: the SPA arm plays and trains on the true states; vanilla trains on the same
-    # dataset with every turn's states taken from another random turn
-    run_stage("sft-spa", path("sft-spa", "eval.json"), worldmodel_sft.main,
-              common + scale["sft"] + ["--loss-spans", "all", "--out", path("sft-spa")])
-    run_stage("sft-vanilla", path("sft-vanilla", "eval.json"), worldmodel_sft.main,
-              common + scale["sft"] + ["--state-targets", "shuffled", "--data", path("sft-spa", "dataset.jsonl"),
-                                       "--out", path("sft-vanilla")])
-
-    # 2. PPO: the same steps, puzzles and episodes for every arm
-    ppo = common + scale["ppo"]
-    arms = {"spa": ["--model", path("sft-spa", "model")],
-            "vanilla": ["--model", path("sft-vanilla", "model")],
-            "online": ["--model", path("sft-vanilla", "model"), "--worldmodel-reward", str(WORLDMODEL_REWARD),
-                       "--state-loss"]}
-    for arm, flags in arms.items():
-        run_stage(f"rl-{arm}", path(f"rl-{arm}", "model"), rl.main, ppo + flags + ["--out", path(f"rl-{arm}")])
-
-    # 3. evaluation: the same validation puzzles for every model, with the reference rows
-    models = {"spa": path("rl-spa", "model"), "vanilla": path("rl-vanilla", "model"),
-              "online": path("rl-online", "model"), "sft-spa": path("sft-spa", "model"),
-              "sft-vanilla": path("sft-vanilla", "model")}
-    argv = ["--env", args.env, "--puzzles", str(scale["puzzles"]), "--samples", "8", "--seed", str(args.seed),
-            "--out", path("eval")]
-    for model in models.values():
-        argv += ["--model", model]
-    log(f"evaluate: {' '.join(argv)}")
+    run_stage("sft-spa", path("sft-spa", "eval.json"), worldmodel_sft.main, stages["sft-spa"])
+    run_stage("sft-vanilla", path("sft-vanilla", "eval.json"), worldmodel_sft.main, stages["sft-vanilla"])
+    for stage in (stage for stage in stages if stage.startswith("rl-")):
+        run_stage(stage, path(stage, "model"), rl.main, stages[stage])
+    log(f"evaluate: {' '.join(stages['evaluate'])}")
     with contextlib.redirect_stdout(sys.stderr):
-        rows = evaluate.main(argv)
-    by_name = {r["name"]: r for r in rows}
-    row = {arm: by_name[model] for arm, model in models.items()}
-    row.update(random=by_name["random"], oracle=by_name["oracle"])
+        evaluate.main(stages["evaluate"])
+    with open(path("eval", "report.json")) as f:
+        evaluation = json.load(f)
+    model_name = {path(name, "model"): name for name in ("sft-spa", "sft-vanilla")}
+    model_name.update({path(f"rl-{name}", "model"): name for seed_runs in runs.values() for name in seed_runs})
+    rename = lambda name: model_name.get(name, name)  # noqa: E731
+    row = {rename(r["name"]): r for r in evaluation["rows"]}
+    differences = [{**d, "a": rename(d["a"]), "b": rename(d["b"])} for d in evaluation["differences"]]
+    curves = {name: curve(path(f"rl-{name}")) for seed_runs in runs.values() for name in seed_runs}
 
-    # 4. the report
-    curves = {arm: curve(path(f"rl-{arm}")) for arm in arms}
+    # the summary: each arm's figures, averaged over its PPO seeds when there are several (the
+    # interval half-width then combines the runs' as independent errors, sqrt(sum hw^2) / runs:
+    # evaluation noise only -- the spread between seeds is in *_pass1_seeds)
+    def arm_mean(arm, key):
+        return round(sum(row[name][key] for name in runs[arm]) / len(runs[arm]), 4)
+
+    def arm_half_width(arm):
+        return round(sum(half_width(row[name]["pass@1_ci"]) ** 2 for name in runs[arm]) ** 0.5 / len(runs[arm]), 4)
+
     oracle = row["oracle"]["exact_success"] if row["oracle"]["exact_success"] is not None else \
         row["oracle"]["pass@1"]
-    summary = {"env": args.env, "quick": args.quick,
-               **{f"{arm}_pass1": row[arm]["pass@1"] for arm in ("spa", "vanilla", "online")},
+    summary = {"env": args.env, "quick": args.quick, "fixed_maps": args.fixed_maps, "ppo_seeds": args.ppo_seeds,
+               **{f"{arm}_pass1": arm_mean(arm, "pass@1") for arm in ARMS},
                "oracle": oracle, "random": row["random"]["pass@1"],
-               **{f"{arm}_pass1_ci": half_width(row[arm]["pass@1_ci"]) for arm in ("spa", "vanilla", "online")},
-               **{f"{arm}_pass8": row[arm]["pass@8"] for arm in ("spa", "vanilla", "online")},
+               **{f"{arm}_pass1_ci": arm_half_width(arm) for arm in ARMS},
+               **{f"{arm}_pass8": arm_mean(arm, "pass@8") for arm in ARMS},
                **{f"sft_{arm}_pass1": row[f"sft-{arm}"]["pass@1"] for arm in ("spa", "vanilla")},
-               **{f"{name}_prediction_exact": row[name]["prediction_exact"] for name in ("sft-spa", "sft-vanilla")},
-               "minutes": round((time.perf_counter() - start) / 60, 1)}
-    lines = ["| arm | pass@1 [95% CI] | pass@8 [95% CI] | format valid | obs. exact | pred. exact (best) |",
+               **{f"{name}_prediction_exact": row[name]["prediction_exact"] for name in ("sft-spa", "sft-vanilla")}}
+    if args.ppo_seeds > 1:
+        summary.update({f"{arm}_pass1_seeds": [row[name]["pass@1"] for name in runs[arm]] for arm in ARMS})
+        # spa - vanilla per PPO seed, with its interval over each map's samples (the maps fixed)
+        summary["spa_minus_vanilla_seeds"] = [
+            [d["pass@1_diff"], *d["ci_samples"]] for d in differences if d["b"] in runs["vanilla"]]
+    summary["minutes"] = round((time.perf_counter() - start) / 60, 1)
+
+    # the report: the table, the paired differences, the learning curves
+    lines = ["| run | pass@1 [95% CI] | pass@8 [95% CI] | format valid | obs. exact | pred. exact (best) |",
              "|---|---|---|---|---|---|"]
-    for name in ("random", "sft-vanilla", "sft-spa", "vanilla", "online", "spa", "oracle"):
+    for name in ["random", "sft-vanilla", "sft-spa"] + [name for arm in ("vanilla", "online", "spa")
+                                                        for name in runs[arm]] + ["oracle"]:
         r = row[name]
         pred = "–" if r["prediction_exact"] is None else f"{r['prediction_exact']:.3f} ({r['prediction_bayes']:.3f})"
         obs = "–" if r["observation_exact"] is None else f"{r['observation_exact']:.3f}"
         lines.append(f"| {name} | {r['pass@1']:.3f} [{r['pass@1_ci'][0]:.3f}, {r['pass@1_ci'][1]:.3f}] | "
                      f"{r['pass@8']:.3f} [{r['pass@8_ci'][0]:.3f}, {r['pass@8_ci'][1]:.3f}] | "
                      f"{r['format_valid']:.3f} | {obs} | {pred} |")
-    with open(path("rl-spa", "run_config.json")) as f:
+    lines += ["", "Paired differences of pass@1 on the same puzzles (95% bootstrap intervals over puzzles, and over "
+              "each puzzle's samples with the puzzles fixed):", "",
+              "| A − B | difference | CI over puzzles | CI over samples |", "|---|---|---|---|"]
+    for d in differences:
+        lines.append(f"| {d['a']} − {d['b']} | {d['pass@1_diff']:.3f} | [{d['ci_puzzles'][0]:.3f}, "
+                     f"{d['ci_puzzles'][1]:.3f}] | [{d['ci_samples'][0]:.3f}, {d['ci_samples'][1]:.3f}] |")
+    with open(path(f"rl-{runs['spa'][0]}", "run_config.json")) as f:
         ppo_config = json.load(f)
     lines += ["", f"Validation during PPO ({ppo_config['val_puzzles']} puzzles x {ppo_config['val_samples']} samples), "
               "Pass@1 / Pass@8:", "",
-              "| step | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    for i, point in enumerate(curves["spa"]):
-        cells = [f"{curves[arm][i]['pass@1']:.3f} / {curves[arm][i]['pass@8']:.3f}" for arm in arms]
+              "| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    for i, point in enumerate(curves[runs["spa"][0]]):
+        cells = [f"{points[i]['pass@1']:.3f} / {points[i]['pass@8']:.3f}" for points in curves.values()]
         lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
     report = "\n".join(lines) + "\n"
     with open(path("report.md"), "w") as f:
         f.write(report)
     with open(path("report.json"), "w") as f:
-        json.dump({"summary": summary, "rows": row, "curves": curves, "scale": scale}, f, indent=2)
+        json.dump({"summary": summary, "rows": row, "differences": differences, "curves": curves,
+                   "stages": stages}, f, indent=2)
     log(report)
     print(json.dumps(summary))
 

@@ -1,10 +1,13 @@
-"""benchmarks/bench_learning.py --quick: the three arms run end to end (slow: about 9 minutes).
+"""benchmarks/bench_learning.py: the stages it runs (fast), and --quick end to end (slow: about 9 minutes,
+and 2 with --fixed-maps 2 --ppo-seeds 2).
 
 --quick is a check of the pipeline, not of learning: its SFT is too short for the tiny model to
 write the format reliably at temperature 1, so no arm beats the random policy there (README,
 "Reproducing the comparison"). What it must show: every stage runs, the arms get the same PPO
 steps and validation points, the report holds every figure, and the short SFT did learn the
 format under greedy decoding."""
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +15,82 @@ import sys
 
 import pytest
 
+import evaluate
+import rl
+import worldmodel_sft
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("bench_learning", os.path.join(ROOT, "benchmarks", "bench_learning.py"))
+bench_learning = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_learning)
+
+
+def plan(out, **flags):
+    args = argparse.Namespace(**{"env": "frozenlake", "quick": False, "fixed_maps": 0, "ppo_seeds": 1, "seed": 0,
+                                 **flags})
+    os.makedirs(os.path.join(out, "sft-spa"))
+    open(os.path.join(out, "sft-spa", "dataset.jsonl"), "w").close()  # vanilla's SFT checks its --data exists
+    return bench_learning.stage_argvs(args, out)
+
+
+def without(argv, *flags):
+    """argv less the given flags and their values ("--state-loss" has none)."""
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i] in flags:
+            i += 1 if argv[i] == "--state-loss" else 2
+        else:
+            kept.append(argv[i])
+            i += 1
+    return kept
+
+
+@pytest.mark.parametrize("fixed_maps, ppo_seeds", [(0, 1), (8, 3)])
+def test_the_arms_differ_only_in_the_switch_under_study(tmp_path, fixed_maps, ppo_seeds):
+    out = str(tmp_path)
+    stages = plan(out, fixed_maps=fixed_maps, ppo_seeds=ppo_seeds)
+    names = ["spa", "vanilla", "online"] if ppo_seeds == 1 else [
+        f"{arm}-seed{seed}" for seed in range(ppo_seeds) for arm in ("spa", "vanilla", "online")]
+    assert list(stages) == ["sft-spa", "sft-vanilla"] + [f"rl-{name}" for name in names] + ["evaluate"]
+    # SFT: the same data, true states or shuffled ones
+    spa_sft, vanilla_sft = (worldmodel_sft.parse_args(stages[s]) for s in ("sft-spa", "sft-vanilla"))
+    assert vanilla_sft.data == os.path.join(out, "sft-spa", "dataset.jsonl") and spa_sft.data is None
+    assert (spa_sft.state_targets, vanilla_sft.state_targets) == ("true", "shuffled")
+    for seed in range(ppo_seeds):
+        suffix = "" if ppo_seeds == 1 else f"-seed{seed}"
+        spa, vanilla, online = (stages[f"rl-{arm}{suffix}"] for arm in ("spa", "vanilla", "online"))
+        assert without(spa, "--model", "--out") == without(vanilla, "--model", "--out") == \
+            without(online, "--model", "--out", "--worldmodel-reward", "--state-loss")
+        spa, vanilla, online = (rl.parse_args(argv) for argv in (spa, vanilla, online))
+        assert spa.model == os.path.join(out, "sft-spa", "model") and spa.seed == seed
+        assert vanilla.model == online.model == os.path.join(out, "sft-vanilla", "model")
+        assert online.worldmodel_reward > 0 and online.state_loss and spa.worldmodel_reward == 0
+        if fixed_maps:  # train on the same 8 non-slippery maps at every step, and validate on them
+            assert (spa.train_puzzles, spa.env_groups, spa.keep_groups, spa.val_puzzles) == (8, 8, 1.0, 8)
+            assert spa.val_seed_start == spa.train_seed_start and spa.env_overrides == {"slippery": False}
+            assert spa.steps == 30
+        else:  # new puzzles every step, validation on unseen ones
+            assert spa.train_puzzles == 0 and spa.val_seed_start != spa.train_seed_start
+            assert spa.env_overrides == {} and spa.steps == 20
+    # evaluation: every model on the same puzzles (the training maps with --fixed-maps), spa paired
+    # with vanilla and with online for every PPO seed, and the two SFT checkpoints paired
+    ev = evaluate.parse_args(stages["evaluate"])
+    models = [os.path.join(out, name, "model") for name in ["sft-spa", "sft-vanilla"] + [f"rl-{n}" for n in names]]
+    assert ev.model == models
+    assert len(ev.diff) == 2 * ppo_seeds + 1 and ev.diff[-1] == models[:2]
+    if fixed_maps:
+        assert (ev.puzzles, ev.samples, ev.val_seed_start, ev.env_overrides) == (8, 64, spa.train_seed_start,
+                                                                                 {"slippery": False})
+    else:
+        assert (ev.puzzles, ev.samples, ev.val_seed_start, ev.env_overrides) == (128, 8, 123, {})
+
+
+def test_bad_flags_fail_with_one_line():
+    for flags, message in ((["--fixed-maps", "-1"], "--fixed-maps must be >= 0"),
+                           (["--ppo-seeds", "0"], "--ppo-seeds must be >= 1")):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), *flags],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -45,3 +123,33 @@ def test_quick_comparison_runs_every_stage_and_reports_every_figure(tmp_path):
     table = open(tmp_path / "report.md").read()
     for name in ("random", "sft-vanilla", "sft-spa", "vanilla", "online", "spa", "oracle"):
         assert f"| {name} |" in table
+
+
+@pytest.mark.slow
+def test_quick_fixed_maps_comparison_reports_every_seed_and_the_paired_differences(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), "--env",
+                             "frozenlake", "--quick", "--fixed-maps", "2", "--ppo-seeds", "2", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["fixed_maps"], summary["ppo_seeds"]) == (2, 2)
+    report = json.load(open(tmp_path / "report.json"))
+    rows = report["rows"]
+    for arm in ("spa", "vanilla", "online"):
+        runs = [f"{arm}-seed0", f"{arm}-seed1"]
+        assert summary[f"{arm}_pass1_seeds"] == [rows[run]["pass@1"] for run in runs]
+        assert summary[f"{arm}_pass1"] == pytest.approx(sum(summary[f"{arm}_pass1_seeds"]) / 2, abs=1e-4)
+        for run in runs:
+            assert (rows[run]["puzzles"], rows[run]["samples"]) == (2, 8)
+            assert [p["step"] for p in report["curves"][run]] == [0, 1, 2]
+    # on the training maps, without slips: the oracle always wins
+    assert summary["oracle"] == 1.0 and rows["oracle"]["pass@1"] == 1.0
+    pairs = [(d["a"], d["b"]) for d in report["differences"]]
+    assert pairs == [("spa-seed0", "vanilla-seed0"), ("spa-seed0", "online-seed0"), ("spa-seed1", "vanilla-seed1"),
+                     ("spa-seed1", "online-seed1"), ("sft-spa", "sft-vanilla")]
+    for d, (diff, lo, hi) in zip(report["differences"][::2], summary["spa_minus_vanilla_seeds"]):
+        assert d["pass@1_diff"] == diff and d["pass@1_diff"] == pytest.approx(
+            rows[d["a"]]["pass@1"] - rows[d["b"]]["pass@1"], abs=1e-3) and lo <= diff <= hi
+    table = open(tmp_path / "report.md").read()
+    assert "| spa-seed1 − vanilla-seed1 |" in table and "| vanilla-seed0 |" in table
