@@ -345,6 +345,18 @@ def fmt(value):
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def differences_markdown(differences):
+    """The --diff pairs as a table (lines): A − B, the difference and its two intervals."""
+    lines = ["Paired differences of pass@1 (A − B on the same puzzles; 95% bootstrap intervals over puzzles, "
+             "and over samples with the puzzles fixed):", "",
+             "| env | A − B | difference | CI over puzzles | CI over samples |", "|---|---|---|---|---|"]
+    for d in differences:
+        (lo, hi), (s_lo, s_hi) = d["ci_puzzles"], d["ci_samples"]
+        lines.append(f"| {d['env']} | {d['a']} − {d['b']} | {d['pass@1_diff']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                     f"[{s_lo:.3f}, {s_hi:.3f}] |")
+    return lines
+
+
 def markdown(rows, env_names, ks, args, differences=()):
     """One table per env: the reference rows around the models; then the --diff pairs."""
     columns = ["pass@1 [95% CI]"] + [f"pass@{k}" for k in ks[1:]] + [
@@ -364,14 +376,7 @@ def markdown(rows, env_names, ks, args, differences=()):
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     if differences:
-        lines += ["Paired differences of pass@1 (A − B on the same puzzles; 95% bootstrap intervals over puzzles, "
-                  "and over samples with the puzzles fixed):", "",
-                  "| env | A − B | difference | CI over puzzles | CI over samples |", "|---|---|---|---|---|"]
-        for d in differences:
-            (lo, hi), (s_lo, s_hi) = d["ci_puzzles"], d["ci_samples"]
-            lines.append(f"| {d['env']} | {d['a']} − {d['b']} | {d['pass@1_diff']:.3f} | [{lo:.3f}, {hi:.3f}] | "
-                         f"[{s_lo:.3f}, {s_hi:.3f}] |")
-        lines.append("")
+        lines += differences_markdown(differences) + [""]
     lines += [LEGEND, ""]
     for name, s in {r["name"]: r["settings"] for r in rows}.items():
         lines.append(f"- {name}: {s['mode']} mode, {s['render']} rendering, {s['instruction']} instruction, "

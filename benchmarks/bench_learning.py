@@ -236,12 +236,7 @@ def main(argv=None):
         lines.append(f"| {name} | {r['pass@1']:.3f} [{r['pass@1_ci'][0]:.3f}, {r['pass@1_ci'][1]:.3f}] | "
                      f"{r['pass@8']:.3f} [{r['pass@8_ci'][0]:.3f}, {r['pass@8_ci'][1]:.3f}] | "
                      f"{r['format_valid']:.3f} | {obs} | {pred} |")
-    lines += ["", "Paired differences of pass@1 on the same puzzles (95% bootstrap intervals over puzzles, and over "
-              "each puzzle's samples with the puzzles fixed):", "",
-              "| A − B | difference | CI over puzzles | CI over samples |", "|---|---|---|---|"]
-    for d in differences:
-        lines.append(f"| {d['a']} − {d['b']} | {d['pass@1_diff']:.3f} | [{d['ci_puzzles'][0]:.3f}, "
-                     f"{d['ci_puzzles'][1]:.3f}] | [{d['ci_samples'][0]:.3f}, {d['ci_samples'][1]:.3f}] |")
+    lines += [""] + evaluate.differences_markdown(differences)
     with open(path(f"rl-{runs['spa'][0]}", "run_config.json")) as f:
         ppo_config = json.load(f)
     lines += ["", f"Validation during PPO ({ppo_config['val_puzzles']} puzzles x {ppo_config['val_samples']} samples), "
