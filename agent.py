@@ -1044,6 +1044,31 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
+def run_config(args):
+    """A stage's settings as its run_config.json records them: the parsed flags, with the starting
+    model resolved -- without --model, a fresh tiny model built in the run folder's base_model/."""
+    return {**vars(args), "model": args.model or os.path.join(args.out, "base_model")}
+
+
+def settings_changed(run_dir, config, may_change=()):
+    """How the settings in config differ from those of the run already in run_dir (its
+    run_config.json), as one line; None when they agree or there is no earlier run. Keys in
+    may_change are allowed to differ. A stage checks this before it resumes: continuing a run's
+    state (or reusing its data) under other flags would mix two runs and report them as one."""
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"its run_config.json is unreadable ({type(e).__name__}: {e})"
+    now = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
+    changed = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(before) | set(now))
+               if key not in may_change and before.get(key) != now.get(key)]
+    return "; ".join(changed) or None
+
+
 def env_overrides_problem(env_name, overrides):
     """What is wrong with an --env-overrides value for env_name, as one line for parser.error (None
     when envs.make takes it). Every script with that flag checks it this way before any work."""

@@ -68,6 +68,12 @@ PRESETS = {
 }
 
 
+# What may differ when a run is resumed: how long it runs, how often it validates and saves, where
+# the folder is, and what the machine is (everything else would change the run being continued)
+RESUME_MAY_CHANGE = ("steps", "val_every", "save_every", "out", "device", "world_size", "parameters",
+                     "memory_plan_gb")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
@@ -448,7 +454,8 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
     statistics for the step's metrics."""
     n = len(batch["lengths"])
     per_rank = max(1, args.mini_batch // world)
-    stats = dict.fromkeys(("pg_loss", "entropy", "clip_low", "clip_high", "approx_kl", "kl_ref", "policy_tokens",
+    stats = dict.fromkeys(("pg_loss", "entropy", "clip_low", "clip_high", "approx_kl", "approx_kl_outside", "kl_ref",
+                           "policy_tokens", "outside_tokens",
                            "value_loss", "value_clip", "value_tokens", "actor_grad_norm", "critic_grad_norm",
                            "optimizer_steps"), 0.0)
     actor.train()
@@ -487,8 +494,14 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
                 stats["entropy"] += (entropy * policy).sum().item()
                 stats["clip_low"] += (low * policy).sum().item()
                 stats["clip_high"] += (high * policy).sum().item()
-                stats["approx_kl"] += (kl_terms(mb["old_logprobs"], logp.detach()) * policy).sum().item()
+                # how far the policy moved from the one that acted: on the tokens of the policy loss, and
+                # on the response tokens outside it (the states with --no-state-loss), which nothing
+                # but the KL term holds in place while the shared weights move
+                moved = kl_terms(mb["old_logprobs"], logp.detach())
+                stats["approx_kl"] += (moved * policy).sum().item()
+                stats["approx_kl_outside"] += (moved * (action - policy)).sum().item()
                 stats["policy_tokens"] += policy.sum().item()
+                stats["outside_tokens"] += (action - policy).sum().item()
                 stats["value_loss"] += (vl * action).sum().item()
                 stats["value_clip"] += (vclipped * action).sum().item()
                 stats["value_tokens"] += action.sum().item()
@@ -613,7 +626,7 @@ def main(argv=None):
     is_main = rank == 0
     if args.env_groups % world:
         raise SystemExit(f"error: --env-groups {args.env_groups} must be a multiple of the {world} ranks")
-    config = vars(args).copy()
+    config = agent.run_config(args)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     state_path = os.path.join(args.out, "train_state.pt")
     if is_main:
@@ -622,14 +635,12 @@ def main(argv=None):
 
     # 1. models: the actor and the critic start from the same checkpoint (fp32 master weights;
     # bf16 autocast for the forward passes on GPU)
-    model_path = args.model
-    if model_path is None:  # tiny preset without --model: a fresh tiny model (vanilla PPO from scratch)
-        model_path = os.path.join(args.out, "base_model")
+    model_path = config["model"]
+    if args.model is None:  # tiny preset without --model: a fresh tiny model (vanilla PPO from scratch)
         if is_main:
             agent.ensure_tiny_model(model_path, seed=args.seed)
         if dist.is_initialized():
             dist.barrier()
-        config["model"] = model_path
     try:
         actor, tokenizer = agent.load_model(model_path, device=device, dtype=torch.float32)
         critic = build_critic(model_path, device, args.seed)
@@ -644,6 +655,11 @@ def main(argv=None):
     n_params = sum(p.numel() for p in actor.parameters())
     config.update(world_size=world, device=str(device), parameters=n_params,
                   memory_plan_gb=memory_plan(n_params, actor.config, args, device, world))
+    if os.path.isfile(state_path):  # resuming: the same run, or an error (every rank exits alike)
+        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
+        if changed:
+            raise SystemExit(f"error: {args.out} holds a PPO run with other settings ({changed}); "
+                             f"use another --out, or delete {state_path} to start over")
     if is_main:
         print(json.dumps(config, indent=2, sort_keys=True), flush=True)
         with open(os.path.join(args.out, "run_config.json"), "w") as f:
@@ -775,7 +791,9 @@ def step_metrics(step, episodes, batch, stats, args, device, world, timings):
         "train/response_tokens": generated / max(turn_count, 1), "train/kept_episodes": kept,
         "actor/pg_loss": s["pg_loss"] / ptoks, "actor/entropy": s["entropy"] / ptoks,
         "actor/clip_frac_low": s["clip_low"] / ptoks, "actor/clip_frac_high": s["clip_high"] / ptoks,
-        "actor/approx_kl": s["approx_kl"] / ptoks, "actor/kl_ref": s["kl_ref"] / vtoks,
+        "actor/approx_kl": s["approx_kl"] / ptoks,
+        "actor/approx_kl_outside_loss": s["approx_kl_outside"] / max(s["outside_tokens"], 1),
+        "actor/kl_ref": s["kl_ref"] / vtoks,
         "actor/grad_norm": s["actor_grad_norm"] / opt_steps,  # the same on every rank: summed, then / steps
         "actor/sampler_logprob_gap": sampler_gap / max(n_values, 1),
         "critic/value_loss": s["value_loss"] / vtoks, "critic/value_clip_frac": s["value_clip"] / vtoks,

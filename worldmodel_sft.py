@@ -513,6 +513,11 @@ def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_
 # -----------------------------------------------------------------------------
 # Checkpoints
 
+# What may differ when a run is resumed: where the folder is, how often it saves, the micro-batch
+# size (the same gradients, accumulated in other pieces) and how much it evaluates
+RESUME_MAY_CHANGE = ("out", "save_every", "micro_batch_tokens", "eval_turns", "heldout_loss_turns")
+
+
 def save_train_state(path, model, optimizer, step, epoch, batch_in_epoch):
     """Everything needed to continue exactly where training stopped, written atomically. (The data
     order is a function of the seed and the epoch, so it needs no saved state.)"""
@@ -533,24 +538,26 @@ def load_train_state(path):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    config = vars(args).copy()
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    state_path = os.path.join(args.out, "train_state.pt")
+    data_path = os.path.join(args.out, "dataset.jsonl")
+    config = agent.run_config(args)
+    if os.path.isfile(state_path) or os.path.isfile(data_path):  # resuming, or reusing the self-play data
+        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
+        if changed:
+            raise SystemExit(f"error: {args.out} holds an SFT run with other settings ({changed}); "
+                             f"use another --out, or delete the folder to start over")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     with open(os.path.join(args.out, "run_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = agent.default_device()
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    state_path = os.path.join(args.out, "train_state.pt")
-    data_path = os.path.join(args.out, "dataset.jsonl")
 
     # 1. the model to finetune (fp32 master weights; bf16 autocast on GPU)
-    model_path = args.model
-    if model_path is None:
-        model_path = agent.ensure_tiny_model(os.path.join(args.out, "base_model"), seed=args.seed)
-        config["model"] = model_path
-        with open(os.path.join(args.out, "run_config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+    model_path = config["model"]
+    if args.model is None:
+        agent.ensure_tiny_model(model_path, seed=args.seed)
     try:
         model, tokenizer = agent.load_model(model_path, device=device, dtype=torch.float32)
     except agent.ModelLoadError as e:

@@ -5,6 +5,7 @@ from a fresh tiny model, on this machine's CPU, in one command.
     python benchmarks/bench_learning.py --env frozenlake                  # the full run (see README for its time)
     python benchmarks/bench_learning.py --env frozenlake --quick          # the pipeline in about 9 minutes
     python benchmarks/bench_learning.py --env frozenlake --fixed-maps 8   # PPO on 8 fixed maps, 3 PPO seeds an arm
+    python benchmarks/bench_learning.py --env sokoban --fixed-maps 8 --ppo-seeds 1 --kl-coef 0.1   # KL to the SFT model
 
 Three arms that differ only in the switch under study, with the same self-play data, the same
 number of PPO steps and the same episodes per step (same puzzle seeds):
@@ -36,7 +37,8 @@ Outputs in --out: each stage's run folder (sft-spa, sft-vanilla, rl-RUN for each
 rl-spa-seed0, rl-spa-seed1, ... with several PPO seeds; eval), report.md (the table, the paired
 differences, the learning curves) and report.json (every number, the curves: validation Pass@1
 and Pass@8 against PPO step for each run; every stage's argv). A stage whose final checkpoint
-exists is not run again, so an interrupted benchmark continues where it stopped. The last stdout
+exists is not run again, so an interrupted benchmark continues where it stopped (the same flags
+and --out; a finished stage run with other settings is an error, not a result). The last stdout
 line is JSON: spa_pass1, vanilla_pass1, online_pass1, oracle, random, spa_pass1_ci,
 vanilla_pass1_ci (half-widths of the 95% bootstrap intervals), spa_pass8, vanilla_pass8, minutes;
 with several PPO seeds the arm figures are means over them, and *_pass1_seeds and
@@ -50,6 +52,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import agent  # noqa: E402
 import evaluate  # noqa: E402
 import rl  # noqa: E402
 import worldmodel_sft  # noqa: E402
@@ -67,21 +70,29 @@ SCALES = {
 WORLDMODEL_REWARD = 0.1
 FIXED_MAPS_SEED_START = 10_000  # --fixed-maps: the first training puzzle (rl.py's default), also validated on
 ARMS = ("spa", "vanilla", "online")
+MACHINE_KEYS = ("device", "world_size", "parameters", "memory_plan_gb")  # in a run_config.json, not settings
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_stage(name, done_path, main, argv):
-    """Run one stage's main() unless its output exists; its printing goes to stderr."""
+def run_stage(name, done_path, stage, argv):
+    """Run one stage's main() unless its output exists from a run with the same settings (an error
+    if the settings differ: its results would be reported as this benchmark's); its printing goes
+    to stderr."""
     if os.path.exists(done_path):
+        args = stage.parse_args(argv)
+        changed = agent.settings_changed(args.out, agent.run_config(args), MACHINE_KEYS)
+        if changed:
+            raise SystemExit(f"error: {name} in {args.out} was run with other settings ({changed}); "
+                             f"use another --out")
         log(f"{name}: done before ({done_path})")
         return
     log(f"{name}: {' '.join(argv)}")
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        main(argv)
+        stage.main(argv)
     log(f"{name}: {time.perf_counter() - start:.0f}s")
 
 
@@ -119,6 +130,8 @@ def stage_argvs(args, out):
         ppo += overrides
         evaluation = ["--env", args.env, "--puzzles", maps, "--samples", str(scale["fixed_samples"]),
                       "--val-seed-start", first] + overrides
+    if args.kl_coef is not None:  # every arm: a KL penalty to its own starting (SFT) checkpoint
+        ppo = ppo + ["--kl-coef", str(args.kl_coef)]
     # 2. PPO: the same steps, puzzles and episodes for every arm (and each PPO seed)
     arm_flags = {"spa": ["--model", path("sft-spa", "model")],
                  "vanilla": ["--model", path("sft-vanilla", "model")],
@@ -165,8 +178,11 @@ def main(argv=None):
                              "evaluated on those same puzzles (0: new puzzles every step, unseen ones in evaluation)")
     parser.add_argument("--ppo-seeds", type=int, help="PPO runs per arm, seeds --seed, --seed + 1, ... "
                                                       "(default: 3 with --fixed-maps, else 1)")
+    parser.add_argument("--kl-coef", type=float,
+                        help="rl.py --kl-coef for every PPO run: a KL penalty to the run's SFT checkpoint over "
+                             "all response tokens, the states too (default: the tiny preset's, 0)")
     parser.add_argument("--out", help="folder for the runs and the report "
-                                      "(default: runs/learning-ENV[-fixedN][-quick])")
+                                      "(default: runs/learning-ENV[-fixedN][-klC][-quick])")
     parser.add_argument("--seed", type=int, default=0, help="seed of the SFT stages, the first PPO seed")
     args = parser.parse_args(argv)
     if args.fixed_maps < 0:
@@ -175,8 +191,12 @@ def main(argv=None):
         args.ppo_seeds = 3 if args.fixed_maps else 1
     if args.ppo_seeds < 1:
         parser.error("--ppo-seeds must be >= 1")
+    if args.kl_coef is not None and not args.kl_coef >= 0:
+        parser.error("--kl-coef must be >= 0")
     out = args.out or os.path.join("runs", f"learning-{args.env}" + (f"-fixed{args.fixed_maps}" if args.fixed_maps
-                                                                       else "") + ("-quick" if args.quick else ""))
+                                                                       else "")
+                                   + (f"-kl{args.kl_coef:g}" if args.kl_coef is not None else "")
+                                   + ("-quick" if args.quick else ""))
     os.makedirs(out, exist_ok=True)
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     log(json.dumps({**vars(args), "out": out}, sort_keys=True))
@@ -184,10 +204,10 @@ def main(argv=None):
     runs = {arm: [run_name(arm, seed, args) for seed in ppo_seeds(args)] for arm in ARMS}
     start = time.perf_counter()
 
-    run_stage("sft-spa", path("sft-spa", "eval.json"), worldmodel_sft.main, stages["sft-spa"])
-    run_stage("sft-vanilla", path("sft-vanilla", "eval.json"), worldmodel_sft.main, stages["sft-vanilla"])
+    run_stage("sft-spa", path("sft-spa", "eval.json"), worldmodel_sft, stages["sft-spa"])
+    run_stage("sft-vanilla", path("sft-vanilla", "eval.json"), worldmodel_sft, stages["sft-vanilla"])
     for stage in (stage for stage in stages if stage.startswith("rl-")):
-        run_stage(stage, path(stage, "model"), rl.main, stages[stage])
+        run_stage(stage, path(stage, "model"), rl, stages[stage])
     log(f"evaluate: {' '.join(stages['evaluate'])}")
     with contextlib.redirect_stdout(sys.stderr):
         evaluate.main(stages["evaluate"])
@@ -199,6 +219,9 @@ def main(argv=None):
     row = {rename(r["name"]): r for r in evaluation["rows"]}
     differences = [{**d, "a": rename(d["a"]), "b": rename(d["b"])} for d in evaluation["differences"]]
     curves = {name: curve(path(f"rl-{name}")) for seed_runs in runs.values() for name in seed_runs}
+
+    with open(path(f"rl-{runs['spa'][0]}", "run_config.json")) as f:
+        ppo_config = json.load(f)
 
     # the summary: each arm's figures, averaged over its PPO seeds when there are several (the
     # interval half-width then combines the runs' as independent errors, sqrt(sum hw^2) / runs:
@@ -212,6 +235,7 @@ def main(argv=None):
     oracle = row["oracle"]["exact_success"] if row["oracle"]["exact_success"] is not None else \
         row["oracle"]["pass@1"]
     summary = {"env": args.env, "quick": args.quick, "fixed_maps": args.fixed_maps, "ppo_seeds": args.ppo_seeds,
+               "kl_coef": ppo_config["kl_coef"],
                **{f"{arm}_pass1": arm_mean(arm, "pass@1") for arm in ARMS},
                "oracle": oracle, "random": row["random"]["pass@1"],
                **{f"{arm}_pass1_ci": arm_half_width(arm) for arm in ARMS},
@@ -237,8 +261,6 @@ def main(argv=None):
                      f"{r['pass@8']:.3f} [{r['pass@8_ci'][0]:.3f}, {r['pass@8_ci'][1]:.3f}] | "
                      f"{r['format_valid']:.3f} | {obs} | {pred} |")
     lines += [""] + evaluate.differences_markdown(differences)
-    with open(path(f"rl-{runs['spa'][0]}", "run_config.json")) as f:
-        ppo_config = json.load(f)
     lines += ["", f"Validation during PPO ({ppo_config['val_puzzles']} puzzles x {ppo_config['val_samples']} samples), "
               "Pass@1 / Pass@8:", "",
               "| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+import agent
 import evaluate
 import rl
 import worldmodel_sft
@@ -27,7 +28,7 @@ spec.loader.exec_module(bench_learning)
 
 def plan(out, **flags):
     args = argparse.Namespace(**{"env": "frozenlake", "quick": False, "fixed_maps": 0, "ppo_seeds": 1, "seed": 0,
-                                 **flags})
+                                 "kl_coef": None, **flags})
     os.makedirs(os.path.join(out, "sft-spa"))
     open(os.path.join(out, "sft-spa", "dataset.jsonl"), "w").close()  # vanilla's SFT checks its --data exists
     return bench_learning.stage_argvs(args, out)
@@ -85,9 +86,39 @@ def test_the_arms_differ_only_in_the_switch_under_study(tmp_path, fixed_maps, pp
         assert (ev.puzzles, ev.samples, ev.val_seed_start, ev.env_overrides) == (128, 8, 123, {})
 
 
+def test_kl_coef_reaches_every_ppo_run_and_nothing_else(tmp_path):
+    default = plan(str(tmp_path / "a"), fixed_maps=8)
+    anchored = plan(str(tmp_path / "b"), fixed_maps=8, kl_coef=0.1)
+    runs = [name for name in default if name.startswith("rl-")]
+    assert len(runs) == 3
+    for name in runs:
+        assert rl.parse_args(default[name]).kl_coef == 0.0  # the tiny preset's
+        assert rl.parse_args(anchored[name]).kl_coef == 0.1
+        assert without(anchored[name], "--kl-coef", "--model", "--out") == \
+            without(default[name], "--model", "--out")
+    for name in ("sft-spa", "sft-vanilla", "evaluate"):
+        assert "--kl-coef" not in anchored[name]
+
+
+def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path):
+    out = str(tmp_path)
+    anchored = plan(out, fixed_maps=8, kl_coef=0.1)
+    default = bench_learning.stage_argvs(argparse.Namespace(
+        env="frozenlake", quick=False, fixed_maps=8, ppo_seeds=1, seed=0, kl_coef=None), out)
+    finished = rl.parse_args(anchored["rl-spa"])
+    os.makedirs(os.path.join(finished.out, "model"))
+    with open(os.path.join(finished.out, "run_config.json"), "w") as f:  # as rl.py writes it
+        json.dump({**agent.run_config(finished), "device": "cpu", "world_size": 1, "parameters": 1}, f)
+    done = os.path.join(finished.out, "model")
+    bench_learning.run_stage("rl-spa", done, rl, anchored["rl-spa"])  # the same settings: skipped, not run
+    with pytest.raises(SystemExit, match=r"rl-spa in .* was run with other settings \(kl_coef: 0.1 there, 0.0 now\)"):
+        bench_learning.run_stage("rl-spa", done, rl, default["rl-spa"])
+
+
 def test_bad_flags_fail_with_one_line():
     for flags, message in ((["--fixed-maps", "-1"], "--fixed-maps must be >= 0"),
-                           (["--ppo-seeds", "0"], "--ppo-seeds must be >= 1")):
+                           (["--ppo-seeds", "0"], "--ppo-seeds must be >= 1"),
+                           (["--kl-coef", "-0.1"], "--kl-coef must be >= 0")):
         result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), *flags],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -334,6 +334,14 @@ def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir)
     stats = rl.update(model, critic, actor_opt, critic_opt, batch, args, 1, device, rl.nullcontext(), 0)
     assert stats["kl_ref"] > 0
     assert state_logprob() < before - 1.0  # pulled toward the reference
+    # the metrics of how far that update moved the policy, measured by a pass that changes nothing:
+    # on the tokens outside the policy loss (the states) and on those in it
+    for optimizer in (actor_opt, critic_opt):
+        optimizer.param_groups[0]["lr"] = 0.0
+    moved = rl.update(model, critic, actor_opt, critic_opt, batch, args, 1, device, rl.nullcontext(), 1)
+    assert moved["outside_tokens"] == states.sum() and moved["policy_tokens"] == batch["policy"].sum()
+    assert moved["approx_kl_outside"] / moved["outside_tokens"] > 0.1  # moved toward the reference
+    assert 0 < moved["approx_kl"] / moved["policy_tokens"] < moved["approx_kl_outside"] / moved["outside_tokens"]
 
 
 # -----------------------------------------------------------------------------
@@ -371,6 +379,10 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
     for part in ("actor", "critic"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert straight == {**resumed, "checkpoint": straight["checkpoint"]}
+    # the same folder with another learning rate is another run: a clear error, the run untouched
+    with pytest.raises(SystemExit, match=r"other settings \(actor_lr: 0.001 there, 0.0005 now\)"):
+        rl.main(tiny_run(tiny_dir, tmp_path / "b", "--save-every", "1", "--actor-lr", "5e-4"))
+    assert rows("b")[-1]["step"] == 2 and json.load(open(tmp_path / "b" / "run_config.json"))["actor_lr"] == 1e-3
     assert os.path.isfile(tmp_path / "a" / "model" / "model.safetensors")
     reloaded, _ = agent.load_model(str(tmp_path / "a" / "model"), device="cpu")
     assert all(torch.equal(p, a["actor"][k]) for k, p in reloaded.state_dict().items() if k in a["actor"])

@@ -345,6 +345,10 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight == resumed
+    # the same folder with other settings would train another run on this one's data and state
+    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
+        sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2", "--lr", "2e-3"])
+    assert json.load(open(tmp_path / "b" / "run_config.json"))["lr"] == 1e-3
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
