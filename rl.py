@@ -634,6 +634,11 @@ def main(argv=None):
     state_path = os.path.join(args.out, "train_state.pt")
     if is_main:
         os.makedirs(args.out, exist_ok=True)
+    if os.path.isfile(state_path):  # resuming: the same run or an error, on every rank, before any loading
+        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
+        if changed:
+            raise SystemExit(f"error: {args.out} holds a PPO run with other settings ({changed}); "
+                             f"use another --out, or delete {state_path} to start over")
     torch.manual_seed(args.seed)
 
     # 1. models: the actor and the critic start from the same checkpoint (fp32 master weights;
@@ -658,11 +663,6 @@ def main(argv=None):
     n_params = sum(p.numel() for p in actor.parameters())
     config.update(world_size=world, device=str(device), parameters=n_params,
                   memory_plan_gb=memory_plan(n_params, actor.config, args, device, world))
-    if os.path.isfile(state_path):  # resuming: the same run, or an error (every rank exits alike)
-        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
-        if changed:
-            raise SystemExit(f"error: {args.out} holds a PPO run with other settings ({changed}); "
-                             f"use another --out, or delete {state_path} to start over")
     if is_main:
         print(json.dumps(config, indent=2, sort_keys=True), flush=True)
         with open(os.path.join(args.out, "run_config.json"), "w") as f:
