@@ -71,10 +71,11 @@ PRESETS = {
 }
 
 
+# What run_config.json records about the machine rather than the run's settings (added in main)
+MACHINE_KEYS = ("device", "world_size", "parameters", "memory_plan_gb")
 # What may differ when a run is resumed: how long it runs, how often it validates and saves, where
-# the folder is, and what the machine is (everything else would change the run being continued)
-RESUME_MAY_CHANGE = ("steps", "val_every", "save_every", "out", "device", "world_size", "parameters",
-                     "memory_plan_gb")
+# the folder is, and the machine (everything else would change the run being continued)
+RESUME_MAY_CHANGE = ("steps", "val_every", "save_every", "out") + MACHINE_KEYS
 
 
 def parse_args(argv=None):

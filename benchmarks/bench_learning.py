@@ -70,7 +70,6 @@ SCALES = {
 WORLDMODEL_REWARD = 0.1
 FIXED_MAPS_SEED_START = 10_000  # --fixed-maps: the first training puzzle (rl.py's default), also validated on
 ARMS = ("spa", "vanilla", "online")
-MACHINE_KEYS = ("device", "world_size", "parameters", "memory_plan_gb")  # in a run_config.json, not settings
 
 
 def log(msg):
@@ -83,7 +82,7 @@ def run_stage(name, done_path, stage, argv):
     to stderr."""
     if os.path.exists(done_path):
         args = stage.parse_args(argv)
-        changed = agent.settings_changed(args.out, agent.run_config(args), MACHINE_KEYS)
+        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS)
         if changed:
             raise SystemExit(f"error: {name} in {args.out} was run with other settings ({changed}); "
                              f"use another --out")
