@@ -97,6 +97,23 @@ INSTRUCTIONS = {
 }
 
 
+# FrozenLake played without slips (--env-overrides '{"slippery": false}') is told so: the
+# instruction describes the env the model plays. The short wording just drops its slip clause, so
+# the tiny tokenizer, trained on the slippery wording, knows every piece of it.
+STEADY_ICE = {"full": ("The ice is slippery: a move can take you sideways instead of where you meant to go, "
+                       "but never backwards.", "The ice does not slip: every move goes where you meant it to."),
+              "short": ("; the ice may slip you sideways.", ".")}
+
+
+def env_instruction(style, env_name, env):
+    """The instruction for env (the envs.py object of env_name) in wording style "full" or "short"."""
+    text = INSTRUCTIONS[style][env_name]
+    if isinstance(env, envs.FrozenLake) and not env.slippery:
+        slippery_words, steady_words = STEADY_ICE[style]
+        text = text.replace(slippery_words, steady_words)
+    return text
+
+
 def format_reward(reward):
     """-0.30000000000000004 -> '-0.3', 1.0 -> '1', -0.0 -> '0' (how the model is told its reward)."""
     return f"{round(reward, 4) + 0.0:g}"
@@ -814,7 +831,8 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
         raise ValueError(f"unknown env {env_name!r}: choose one of {', '.join(envs.ENVS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-    instruction_text = INSTRUCTIONS[instruction][env_name]
+    if instruction not in INSTRUCTIONS:
+        raise ValueError(f"unknown instruction {instruction!r}: choose one of {', '.join(INSTRUCTIONS)}")
     head, after_reply, after_user = _template_pieces(tokenizer)
     stop_ids = set(stop_token_ids(tokenizer))
     im_end_text = "<|im_end|>"
@@ -824,7 +842,8 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
         for sample in range(group_size):
             env = envs.make(env_name, render_mode=render, **(env_overrides or {}))
             env.reset(seed)
-            first = user_message(1, env.render(), env.actions_left, mode, max_response_tokens, instruction_text)
+            first = user_message(1, env.render(), env.actions_left, mode, max_response_tokens,
+                                 env_instruction(instruction, env_name, env))
             ep = Episode(env_name=env_name, seed=seed, group=group, sample=sample, env=env,
                          env_overrides=dict(env_overrides or {}),
                          messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": first}])

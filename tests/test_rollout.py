@@ -31,7 +31,7 @@ def test_prompts_for_a_hand_written_history_character_for_character(tiny):
     expected = (
         "<|im_start|>system\nYou're a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n"
-        "FrozenLake: reach the goal G, avoid holes O; the ice may slip you sideways. _ ice, P you, X you in a "
+        "FrozenLake: reach the goal G, avoid holes O. _ ice, P you, X you in a "  # no slips: no slip clause
         "hole, √ you on G. (row,col) from 0. Actions Left Down Right Up, e.g. <answer>Down || Right</answer>\n"
         "Turn 1:\nState:\nP__\n_O_\n__G\nPlayer (0,0); hole at (1,1); goal at (2,2).\n"
         f"You have 10 actions left. Always output: {FORMAT_WM} with no extra text. Strictly follow this format. "
@@ -69,6 +69,28 @@ def test_instructions_name_every_symbol_and_action_of_their_env():
             assert all(s in text for s in symbols), (style, name)
             assert all(a in text for a in envs.make(name).ACTIONS), (style, name)
         assert "<answer>" in agent.INSTRUCTIONS[style]["sudoku"] and "row,col" in agent.INSTRUCTIONS[style]["sudoku"]
+
+
+def test_frozenlake_without_slips_is_told_so():
+    for style in ("full", "short"):
+        slippery = agent.INSTRUCTIONS[style]["frozenlake"]
+        assert "slip" in slippery
+        assert agent.env_instruction(style, "frozenlake", envs.make("frozenlake")) == slippery
+        steady = agent.env_instruction(style, "frozenlake", envs.make("frozenlake", slippery=False))
+        assert "slip" not in steady.replace("does not slip", ""), style  # the clause was found and replaced
+        assert all(s in steady for s in envs.make("frozenlake").SYMBOLS.values()), style
+        for name in ("sokoban", "sudoku"):
+            assert agent.env_instruction(style, name, envs.make(name)) == agent.INSTRUCTIONS[style][name]
+    assert agent.env_instruction("full", "frozenlake", envs.make("frozenlake", slippery=False)).count(
+        "The ice does not slip: every move goes where you meant it to.") == 1
+
+
+def test_the_rollout_tells_each_episode_about_its_own_ice(tiny):
+    _, tokenizer = tiny
+    for overrides, clause in (({}, "; the ice may slip you sideways."), ({"slippery": False}, "avoid holes O. _ ice")):
+        (ep,) = agent.rollout(scripted(tokenizer, [answer("Up")]), tokenizer, "frozenlake", [0], 1, mode="base",
+                              instruction="short", max_turns=1, env_overrides=overrides)
+        assert clause in ep.messages[1]["content"] and clause in tokenizer.decode(ep.tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -294,3 +316,5 @@ def test_rollout_rejects_bad_arguments(tiny):
         agent.rollout(policy, tokenizer, "chess", [0], 1)
     with pytest.raises(ValueError, match="unknown mode"):
         agent.rollout(policy, tokenizer, "sokoban", [0], 1, mode="wm")
+    with pytest.raises(ValueError, match="unknown instruction"):
+        agent.rollout(policy, tokenizer, "sokoban", [0], 1, instruction="long")
