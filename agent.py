@@ -1069,11 +1069,15 @@ def run_config(args):
     return {**vars(args), "model": args.model or os.path.join(args.out, "base_model")}
 
 
-def settings_changed(run_dir, config, may_change=()):
+def settings_changed(run_dir, config, may_change=(), parent_moved=False):
     """How the settings in config differ from those of the run already in run_dir (its
     run_config.json), as one line; None when they agree or there is no earlier run. Keys in
     may_change are allowed to differ. A stage checks this before it resumes: continuing a run's
-    state (or reusing its data) under other flags would mix two runs and report them as one."""
+    state (or reusing its data) under other flags would mix two runs and report them as one.
+
+    parent_moved: run_dir's parent folder may have been moved or copied since, with the run and
+    its siblings (a benchmark's folder, whose stages point into each other): paths recorded under
+    the old parent compare as the same paths under the new one."""
     path = os.path.join(run_dir, "run_config.json")
     if not os.path.isfile(path):
         return None
@@ -1082,6 +1086,11 @@ def settings_changed(run_dir, config, may_change=()):
             before = json.load(f)
     except (OSError, ValueError) as e:
         return f"its run_config.json is unreadable ({type(e).__name__}: {e})"
+    if parent_moved and isinstance(before.get("out"), str):
+        old = os.path.dirname(os.path.normpath(before["out"])) + os.sep
+        new = os.path.dirname(os.path.normpath(run_dir)) + os.sep
+        before = {key: new + value[len(old):] if isinstance(value, str) and value.startswith(old) else value
+                  for key, value in before.items()}
     now = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
     changed = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(before) | set(now))
                if key not in may_change and before.get(key) != now.get(key)]

@@ -79,10 +79,11 @@ def log(msg):
 def run_stage(name, done_path, stage, argv):
     """Run one stage's main() unless its output exists from a run with the same settings (an error
     if the settings differ: its results would be reported as this benchmark's); its printing goes
-    to stderr."""
+    to stderr. Stages copied from another benchmark folder count as done (their paths follow them):
+    copy sft-spa and sft-vanilla into a new --out to try other PPO settings on the same SFT."""
     if os.path.exists(done_path):
         args = stage.parse_args(argv)
-        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS)
+        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS, parent_moved=True)
         if changed:
             raise SystemExit(f"error: {name} in {args.out} was run with other settings ({changed}); "
                              f"use another --out")

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,34 @@ def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path):
     bench_learning.run_stage("rl-spa", done, rl, anchored["rl-spa"])  # the same settings: skipped, not run
     with pytest.raises(SystemExit, match=r"rl-spa in .* was run with other settings \(kl_coef: 0.1 there, 0.0 now\)"):
         bench_learning.run_stage("rl-spa", done, rl, default["rl-spa"])
+
+
+def test_stages_copied_into_another_benchmark_folder_are_reused_there(tmp_path):
+    """Copying sft-spa and sft-vanilla into a new --out tries other PPO settings on the same SFT: the
+    copies' recorded paths (their own folder, vanilla's --data in sft-spa) follow them."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    plan(first)
+    settings = argparse.Namespace(env="frozenlake", quick=False, fixed_maps=8, ppo_seeds=1, seed=0, kl_coef=None)
+    finished = worldmodel_sft.parse_args(bench_learning.stage_argvs(settings, first)["sft-vanilla"])
+    os.makedirs(os.path.join(finished.out, "model"))
+    with open(os.path.join(finished.out, "run_config.json"), "w") as f:  # as worldmodel_sft.py writes it
+        json.dump(agent.run_config(finished), f)
+    shutil.copytree(first, second)
+    copied = bench_learning.stage_argvs(settings, second)["sft-vanilla"]
+    done = os.path.join(second, "sft-vanilla", "model")
+    bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied)  # skipped, not run
+    config = agent.run_config(worldmodel_sft.parse_args(copied))
+    assert "out: " in agent.settings_changed(os.path.join(second, "sft-vanilla"), config)  # moved, as a stage sees it
+    # a copy made with other settings is still refused, and a path outside the folder does not follow it
+    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
+        bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied + ["--lr", "2e-3"])
+    with open(os.path.join(second, "sft-vanilla", "run_config.json")) as f:
+        recorded = json.load(f)
+    outside = str(tmp_path / "elsewhere.jsonl")
+    with open(os.path.join(second, "sft-vanilla", "run_config.json"), "w") as f:
+        json.dump({**recorded, "data": outside}, f)
+    with pytest.raises(SystemExit, match=r"data: .*elsewhere.jsonl' there"):
+        bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied)
 
 
 def test_bad_flags_fail_with_one_line():
