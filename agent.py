@@ -56,6 +56,15 @@ MAX_ACTIONS_PER_TURN = 5
 ACTION_SEPARATOR = "||"
 FORMAT_PENALTY = -0.1
 
+# What FrozenLake's instruction says about the ice, slippery (the default) or not (--env-overrides
+# '{"slippery": false}'): the instruction describes the env the model plays. The short wording
+# without slips just drops its clause, so the tiny tokenizer, trained on the slippery wording,
+# knows every piece of it.
+ICE = {"full": {True: "The ice is slippery: a move can take you sideways instead of where you meant to go, "
+                      "but never backwards.",
+                False: "The ice does not slip: every move goes where you meant it to."},
+       "short": {True: "; the ice may slip you sideways.", False: "."}}
+
 # The env instruction states the rules, the symbols, the coordinate convention and one example
 # answer. "full" is for instruction-tuned models at paper scale; "short" is the tiny preset's, as
 # every token costs CPU time there. Both agree with envs.py; tests check the symbols against it.
@@ -71,8 +80,7 @@ INSTRUCTIONS = {
             "<answer>Left || Up</answer>"),
         "frozenlake": (
             "You are playing FrozenLake. You are the player P on a frozen lake; reach the goal G "
-            "without falling into a hole O. The ice is slippery: a move can take you sideways "
-            "instead of where you meant to go, but never backwards.\n"
+            "without falling into a hole O. " + ICE["full"][True] + "\n"
             "Symbols: _ ice, O hole, G goal, P player, X player in a hole, √ player on the goal.\n"
             "Positions are (row,col), counted from 0 at the top-left cell.\n"
             "Actions: Left, Down, Right, Up. Give up to 5 per turn, joined by ||, for example "
@@ -88,7 +96,7 @@ INSTRUCTIONS = {
         "sokoban": ("Sokoban: push every box X onto a target O. # wall, _ floor, √ box on target, "
                     "P you, S you on target. (row,col) from 0. Actions Up Down Left Right, "
                     "e.g. <answer>Left || Up</answer>"),
-        "frozenlake": ("FrozenLake: reach the goal G, avoid holes O; the ice may slip you sideways. "
+        "frozenlake": ("FrozenLake: reach the goal G, avoid holes O" + ICE["short"][True] + " "
                        "_ ice, P you, X you in a hole, √ you on G. (row,col) from 0. Actions Left "
                        "Down Right Up, e.g. <answer>Down || Right</answer>"),
         "sudoku": ("Sudoku 4x4: fill each . with 1-4, once per row, column and 2x2 box. (row,col) "
@@ -97,20 +105,11 @@ INSTRUCTIONS = {
 }
 
 
-# FrozenLake played without slips (--env-overrides '{"slippery": false}') is told so: the
-# instruction describes the env the model plays. The short wording just drops its slip clause, so
-# the tiny tokenizer, trained on the slippery wording, knows every piece of it.
-STEADY_ICE = {"full": ("The ice is slippery: a move can take you sideways instead of where you meant to go, "
-                       "but never backwards.", "The ice does not slip: every move goes where you meant it to."),
-              "short": ("; the ice may slip you sideways.", ".")}
-
-
 def env_instruction(style, env_name, env):
     """The instruction for env (the envs.py object of env_name) in wording style "full" or "short"."""
     text = INSTRUCTIONS[style][env_name]
     if isinstance(env, envs.FrozenLake) and not env.slippery:
-        slippery_words, steady_words = STEADY_ICE[style]
-        text = text.replace(slippery_words, steady_words)
+        text = text.replace(ICE[style][True], ICE[style][False])
     return text
 
 
