@@ -1068,15 +1068,16 @@ def run_config(args):
     return {**vars(args), "model": args.model or os.path.join(args.out, "base_model")}
 
 
-def settings_changed(run_dir, config, may_change=(), parent_moved=False):
+def settings_changed(run_dir, config, may_change=()):
     """How the settings in config differ from those of the run already in run_dir (its
     run_config.json), as one line; None when they agree or there is no earlier run. Keys in
     may_change are allowed to differ. A stage checks this before it resumes: continuing a run's
     state (or reusing its data) under other flags would mix two runs and report them as one.
 
-    parent_moved: run_dir's parent folder may have been moved or copied since, with the run and
-    its siblings (a benchmark's folder, whose stages point into each other): paths recorded under
-    the old parent compare as the same paths under the new one."""
+    The run folder may have been moved or copied since, alone or with its siblings (a benchmark's
+    folder, whose stages point into each other): a path recorded inside the old folder, or inside
+    its old parent, agrees with the same path inside the new one. A path outside them must be
+    the same path."""
     path = os.path.join(run_dir, "run_config.json")
     if not os.path.isfile(path):
         return None
@@ -1085,14 +1086,23 @@ def settings_changed(run_dir, config, may_change=(), parent_moved=False):
             before = json.load(f)
     except (OSError, ValueError) as e:
         return f"its run_config.json is unreadable ({type(e).__name__}: {e})"
-    if parent_moved and isinstance(before.get("out"), str):
-        old = os.path.dirname(os.path.normpath(before["out"])) + os.sep
-        new = os.path.dirname(os.path.normpath(run_dir)) + os.sep
-        before = {key: new + value[len(old):] if isinstance(value, str) and value.startswith(old) else value
-                  for key, value in before.items()}
+    moves = []  # (old folder, new folder): the run's own, then its parent
+    if isinstance(before.get("out"), str):
+        old, new = os.path.normpath(before["out"]), os.path.normpath(run_dir)
+        moves = [(old, new), (os.path.dirname(old), os.path.dirname(new))]
+
+    def inside(value, folder):  # value relative to folder, or None when it is not inside it
+        relative = os.path.relpath(value, folder or os.curdir)
+        return None if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+    def agree(then, now):
+        if then == now:
+            return True
+        return isinstance(then, str) and isinstance(now, str) and bool(then and now) and any(
+            inside(then, old) is not None and inside(then, old) == inside(now, new) for old, new in moves)
     now = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
     changed = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(before) | set(now))
-               if key not in may_change and before.get(key) != now.get(key)]
+               if key not in may_change and not agree(before.get(key), now.get(key))]
     return "; ".join(changed) or None
 
 

@@ -83,7 +83,7 @@ def run_stage(name, done_path, stage, argv):
     copy sft-spa and sft-vanilla into a new --out to try other PPO settings on the same SFT."""
     if os.path.exists(done_path):
         args = stage.parse_args(argv)
-        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS, parent_moved=True)
+        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS)
         if changed:
             raise SystemExit(f"error: {name} in {args.out} was run with other settings ({changed}); "
                              f"use another --out")

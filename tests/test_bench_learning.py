@@ -131,7 +131,7 @@ def test_stages_copied_into_another_benchmark_folder_are_reused_there(tmp_path):
     done = os.path.join(second, "sft-vanilla", "model")
     bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied)  # skipped, not run
     config = agent.run_config(worldmodel_sft.parse_args(copied))
-    assert "out: " in agent.settings_changed(os.path.join(second, "sft-vanilla"), config)  # moved, as a stage sees it
+    assert agent.settings_changed(os.path.join(second, "sft-vanilla"), config) is None  # the stage would resume there
     # a copy made with other settings is still refused, and a path outside the folder does not follow it
     with pytest.raises(SystemExit, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
         bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied + ["--lr", "2e-3"])
@@ -142,6 +142,40 @@ def test_stages_copied_into_another_benchmark_folder_are_reused_there(tmp_path):
         json.dump({**recorded, "data": outside}, f)
     with pytest.raises(SystemExit, match=r"data: .*elsewhere.jsonl' there"):
         bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied)
+
+
+def test_paths_inside_a_moved_or_renamed_run_folder_follow_it(tmp_path, monkeypatch):
+    """A run's recorded paths inside its folder (a fresh tiny model's base_model/) or inside the
+    folder's parent (a sibling stage's checkpoint) follow a move or a copy; other paths do not."""
+    old = tmp_path / "runs" / "rl"
+    old.mkdir(parents=True)
+    recorded = {"out": str(old), "model": str(tmp_path / "runs" / "sft" / "model"), "seed": 0,
+                "data": str(old / "dataset.jsonl"), "log": str(tmp_path / "elsewhere.jsonl")}
+    (old / "run_config.json").write_text(json.dumps(recorded))
+
+    def moved_to(folder, **change):
+        shutil.copytree(old, folder, dirs_exist_ok=True)
+        parent = os.path.dirname(folder)
+        config = {**recorded, "out": str(folder), "model": os.path.join(parent, "sft", "model"),
+                  "data": os.path.join(folder, "dataset.jsonl"), **change}
+        return agent.settings_changed(str(folder), config)
+    assert moved_to(tmp_path / "runs" / "rl-renamed") is None  # the run folder renamed
+    assert moved_to(tmp_path / "copy" / "rl") is None  # the whole benchmark folder copied
+    assert moved_to(tmp_path / "copy" / "rl-seed0") is None  # copied, and the run renamed
+    # a path outside both folders does not follow; nor does another path inside them
+    assert moved_to(tmp_path / "copy" / "rl", log=str(tmp_path / "copy" / "elsewhere.jsonl")).startswith("log: ")
+    assert moved_to(tmp_path / "copy" / "rl", model=str(tmp_path / "copy" / "sft-2" / "model")).startswith("model: ")
+    assert moved_to(tmp_path / "copy" / "rl", seed=1) == "seed: 0 there, 1 now"
+    # relative paths, as typed, from a run folder in the working directory
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("rl")
+    with open(os.path.join("rl", "run_config.json"), "w") as f:
+        json.dump({"out": "rl", "model": "sft/model", "env": "frozenlake"}, f)
+    shutil.copytree("rl", os.path.join("copy", "rl2"))
+    assert agent.settings_changed("copy/rl2", {"out": "copy/rl2", "model": "copy/sft/model", "env": "frozenlake"}) \
+        is None
+    assert agent.settings_changed("copy/rl2", {"out": "copy/rl2", "model": "copy/sft-2/model", "env": "sokoban"}) \
+        == "env: 'frozenlake' there, 'sokoban' now; model: 'sft/model' there, 'copy/sft-2/model' now"
 
 
 def test_bad_flags_fail_with_one_line():

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -364,25 +365,31 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
         if row.get("step") == 2 and "train/reward" in row:  # after step 1's save, before step 2's
             raise KeyboardInterrupt
     monkeypatch.setattr(agent, "append_jsonl", interrupt)
+    # the interrupted run starts from a checkpoint beside it (a benchmark's folder), and the folder
+    # is moved before the run is resumed: the recorded paths follow it
+    shutil.copytree(tiny_dir, tmp_path / "first" / "sft")
     with pytest.raises(KeyboardInterrupt):
-        rl.main(tiny_run(tiny_dir, tmp_path / "b", "--save-every", "1"))
+        rl.main(tiny_run(str(tmp_path / "first" / "sft"), tmp_path / "first" / "b", "--save-every", "1"))
     monkeypatch.setattr(agent, "append_jsonl", original)
-    resumed = rl.main(tiny_run(tiny_dir, tmp_path / "b", "--save-every", "1"))
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    resumed = rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
 
     def rows(run):
         lines = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
         return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in lines]
-    assert rows("a") == rows("b")
-    assert [r["step"] for r in rows("b")] == [0, 1, 2, 2]
+    assert rows("a") == rows("moved/b")
+    assert [r["step"] for r in rows("moved/b")] == [0, 1, 2, 2]
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "moved" / "b" / "train_state.pt", weights_only=False)
     for part in ("actor", "critic"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert straight == {**resumed, "checkpoint": straight["checkpoint"]}
     # the same folder with another learning rate is another run: a clear error, the run untouched
     with pytest.raises(SystemExit, match=r"other settings \(actor_lr: 0.001 there, 0.0005 now\)"):
-        rl.main(tiny_run(tiny_dir, tmp_path / "b", "--save-every", "1", "--actor-lr", "5e-4"))
-    assert rows("b")[-1]["step"] == 2 and json.load(open(tmp_path / "b" / "run_config.json"))["actor_lr"] == 1e-3
+        rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1",
+                         "--actor-lr", "5e-4"))
+    assert rows("moved/b")[-1]["step"] == 2
+    assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["actor_lr"] == 1e-3
     assert os.path.isfile(tmp_path / "a" / "model" / "model.safetensors")
     reloaded, _ = agent.load_model(str(tmp_path / "a" / "model"), device="cpu")
     assert all(torch.equal(p, a["actor"][k]) for k, p in reloaded.state_dict().items() if k in a["actor"])

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -334,21 +335,23 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
     monkeypatch.setattr(agent, "append_jsonl", original)
-    resumed = sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
-    rows_b = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    # the folder renamed before the resume: the fresh tiny model recorded inside it follows
+    shutil.move(tmp_path / "b", tmp_path / "renamed")
+    resumed = sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2"])
+    rows_b = [json.loads(line) for line in open(tmp_path / "renamed" / "metrics.jsonl")]
 
     def losses(rows):  # the last logged loss of every step
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     assert losses(rows_b) == losses(rows_a)
     assert [r for r in rows_b if "heldout/loss" in r] == [r for r in rows_a if "heldout/loss" in r]
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "renamed" / "train_state.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight == resumed
     # the same folder with other settings would train another run on this one's data and state
     with pytest.raises(SystemExit, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
-        sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2", "--lr", "2e-3"])
-    assert json.load(open(tmp_path / "b" / "run_config.json"))["lr"] == 1e-3
+        sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--lr", "2e-3"])
+    assert json.load(open(tmp_path / "renamed" / "run_config.json"))["lr"] == 1e-3
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
