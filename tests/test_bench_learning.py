@@ -1,5 +1,5 @@
 """benchmarks/bench_learning.py: the stages it runs (fast), and --quick end to end (slow: about 9 minutes,
-and 2 with --fixed-maps 2 --ppo-seeds 2).
+and 3 to 4 with --fixed-maps 2 --ppo-seeds 2).
 
 --quick is a check of the pipeline, not of learning: its SFT is too short for the tiny model to
 write the format reliably at temperature 1, so no arm beats the random policy there (README,
@@ -99,6 +99,21 @@ def test_kl_coef_reaches_every_ppo_run_and_nothing_else(tmp_path):
             without(default[name], "--model", "--out")
     for name in ("sft-spa", "sft-vanilla", "evaluate"):
         assert "--kl-coef" not in anchored[name]
+
+
+def test_fixed_maps_default_to_a_kl_penalty_and_the_folder_names_a_departure_from_the_default():
+    def parsed(*flags):
+        args = bench_learning.parse_args(list(flags))
+        return args.kl_coef, args.out
+    assert parsed() == (None, os.path.join("runs", "learning-frozenlake"))  # the tiny preset's: no reference model
+    assert parsed("--fixed-maps", "8") == (0.1, os.path.join("runs", "learning-frozenlake-fixed8"))
+    assert parsed("--fixed-maps", "8", "--kl-coef", "0") == (0.0, os.path.join("runs",
+                                                                               "learning-frozenlake-fixed8-kl0"))
+    assert parsed("--env", "sokoban", "--kl-coef", "0.1", "--quick") == (0.1, os.path.join(
+        "runs", "learning-sokoban-kl0.1-quick"))
+    assert parsed("--fixed-maps", "8", "--out", "x") == (0.1, "x")
+    default = bench_learning.stage_argvs(bench_learning.parse_args(["--fixed-maps", "8"]), "x")
+    assert all(rl.parse_args(argv).kl_coef == 0.1 for name, argv in default.items() if name.startswith("rl-"))
 
 
 def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path):
@@ -227,7 +242,7 @@ def test_quick_fixed_maps_comparison_reports_every_seed_and_the_paired_differenc
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (summary["fixed_maps"], summary["ppo_seeds"]) == (2, 2)
+    assert (summary["fixed_maps"], summary["ppo_seeds"], summary["kl_coef"]) == (2, 2, 0.1)  # the mode's KL penalty
     report = json.load(open(tmp_path / "report.json"))
     rows = report["rows"]
     for arm in ("spa", "vanilla", "online"):
