@@ -3,7 +3,8 @@
 A one-turn task: a fixed non-slippery FrozenLake map whose goal is one move to the right of the
 start, one action allowed. A tiny model that has only been through a short self-play SFT (which
 teaches the format, with uniformly random actions) succeeds about a quarter of the time; PPO must
-bring validation success to >= 90% within 40 steps."""
+bring validation success to >= 90% within 40 steps. The states stay in the policy loss here: with them
+out (the tiny preset's default) nothing held them, and the format fell to 0.39 at step 20 (README)."""
 import json
 
 import pytest
@@ -23,7 +24,7 @@ def test_ppo_takes_a_one_move_task_from_chance_to_90_percent(tmp_path):
                          "--out", str(tmp_path / "sft")])
     summary = rl.main(["--env", "frozenlake", "--preset", "tiny", "--model", str(tmp_path / "sft" / "model"),
                        "--env-overrides", json.dumps(BANDIT_MAP), "--max-turns", "1", "--steps", "40",
-                       "--keep-groups", "0.5", "--no-state-loss", "--val-every", "10", "--val-puzzles", "16",
+                       "--keep-groups", "0.5", "--state-loss", "--val-every", "10", "--val-puzzles", "16",
                        "--val-samples", "8", "--out", str(tmp_path / "rl")])
     rows = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl")]
     validation = [r for r in rows if "val/pass@1" in r]
