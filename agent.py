@@ -1099,7 +1099,7 @@ def settings_changed(run_dir, config, may_change=()):
         if then == now:
             return True
         return isinstance(then, str) and isinstance(now, str) and bool(then and now) and any(
-            inside(then, old) is not None and inside(then, old) == inside(now, new) for old, new in moves)
+            (where := inside(then, old)) is not None and where == inside(now, new) for old, new in moves)
     now = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
     changed = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(before) | set(now))
                if key not in may_change and not agree(before.get(key), now.get(key))]

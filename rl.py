@@ -73,9 +73,10 @@ PRESETS = {
 
 # What run_config.json records about the machine rather than the run's settings (added in main)
 MACHINE_KEYS = ("device", "world_size", "parameters", "memory_plan_gb")
-# What may differ when a run is resumed: how long it runs, how often it validates and saves, where
-# the folder is, and the machine (everything else would change the run being continued)
-RESUME_MAY_CHANGE = ("steps", "val_every", "save_every", "out") + MACHINE_KEYS
+# What may differ when a run is resumed: how long it runs, how often it validates and saves, and the
+# machine (everything else would change the run being continued; a moved folder is not a change:
+# agent.settings_changed lets the recorded paths follow it)
+RESUME_MAY_CHANGE = ("steps", "val_every", "save_every") + MACHINE_KEYS
 
 
 def parse_args(argv=None):

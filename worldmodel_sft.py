@@ -513,9 +513,10 @@ def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-# What may differ when a run is resumed: where the folder is, how often it saves, the micro-batch
-# size (the same gradients, accumulated in other pieces) and how much it evaluates
-RESUME_MAY_CHANGE = ("out", "save_every", "micro_batch_tokens", "eval_turns", "heldout_loss_turns")
+# What may differ when a run is resumed: how often it saves, the micro-batch size (the same
+# gradients, accumulated in other pieces) and how much it evaluates (a moved folder is not a
+# change: agent.settings_changed lets the recorded paths follow it)
+RESUME_MAY_CHANGE = ("save_every", "micro_batch_tokens", "eval_turns", "heldout_loss_turns")
 
 
 def save_train_state(path, model, optimizer, step, epoch, batch_in_epoch):
