@@ -9,6 +9,7 @@ Read top to bottom:
   5. sampler       -- batched generation with a KV cache, written by hand
   6. rollout       -- env_groups x group_size multi-turn episodes, every live episode's next
                       turn generated in one batch
+  7. small pieces  -- micro-batching, JSON-lines and atomic writes, run-folder settings checks
 
 The stages import what they need from here (and the rules from envs.py); nothing here is
 stage-specific.
@@ -20,6 +21,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -341,8 +343,7 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if run_config is not None:
-            with open(os.path.join(tmp, "run_config.json"), "w") as f:
-                json.dump(run_config, f, indent=2, sort_keys=True)
+            write_json(os.path.join(tmp, "run_config.json"), run_config)
         if os.path.exists(out_dir):
             old = out_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -652,9 +653,11 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
-def _prefill_chunks(prompts, max_tokens=PREFILL_TOKENS):
-    """Prompt indices grouped by length (shortest first), at most max_tokens padded tokens per
-    group, so that a short prompt is not padded to the longest one of the whole batch."""
+def _prefill_chunks(prompts, max_tokens=None):
+    """Prompt indices grouped by length (shortest first), at most max_tokens (default
+    PREFILL_TOKENS) padded tokens per group, so that a short prompt is not padded to the longest
+    one of the whole batch."""
+    max_tokens = PREFILL_TOKENS if max_tokens is None else max_tokens
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks, chunk = [], []
     for i in order:
@@ -662,7 +665,7 @@ def _prefill_chunks(prompts, max_tokens=PREFILL_TOKENS):
             chunks.append(chunk)
             chunk = []
         chunk.append(i)
-    return chunks + [chunk]
+    return chunks + ([chunk] if chunk else [])
 
 
 @torch.no_grad()
@@ -675,8 +678,9 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     temperature 0 = greedy; top_k 0 / top_p 1.0 = off. generator: a torch.Generator on the
     model's device, for reproducible sampling.
     Returns (tokens, logprobs): per prompt, the new token ids and, for each, its log-probability
-    under the model's own distribution (temperature 1, before top-k/top-p) -- what PPO's ratio
-    and the entropy/KL diagnostics are defined on.
+    under the distribution it was drawn from before top-k/top-p: softmax(logits / temperature)
+    (temperature 1 when greedy). PPO recomputes these with its training forward pass; the
+    sampler's are a check on that (rl.py's actor/sampler_logprob_gap).
     on_forward: optional callback(seconds) per forward pass (used by benchmarks).
     """
     device = next(model.parameters()).device
@@ -691,13 +695,13 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     cache_kwarg = _cache_kwarg(model)
 
     def forward(ids, mask, positions, cache):
-        start = _now() if on_forward else None
+        start = time.perf_counter() if on_forward else None
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()  # (b, V)
         if on_forward:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            on_forward(_now() - start)
+            on_forward(time.perf_counter() - start)
         return logits
 
     # Prefill, in groups of similar length; each group's keys and values are copied into the
@@ -727,7 +731,8 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     out_tokens, out_logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
     for _ in range(max(budgets)):
         token = _pick_tokens(logits, temperature, top_p, top_k, generator)  # (b,)
-        logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)  # (b,)
+        tempered = logits / temperature if temperature > 0 else logits
+        logprob = torch.log_softmax(tempered, -1).gather(-1, token[:, None]).squeeze(-1)  # (b,)
         ended = torch.isin(token, stop)
         token_list, logprob_list, ended_list = token.tolist(), logprob.tolist(), ended.tolist()  # one sync
         for b, prompt_index in enumerate(rows):
@@ -752,11 +757,6 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     return out_tokens, out_logprobs
 
 
-def _now():
-    import time
-    return time.perf_counter()
-
-
 # -----------------------------------------------------------------------------
 # 6. The multi-turn rollout (SPEC §3)
 #
@@ -773,7 +773,7 @@ class Episode:
     group: int  # index of the puzzle in this rollout
     sample: int  # index of the episode within its group
     env: object = field(repr=False)
-    env_overrides: dict = field(default_factory=dict)  # as passed to envs.make (with the render mode)
+    env_overrides: dict = field(default_factory=dict)  # as passed to rollout (the render mode is not among them)
     messages: list = field(default_factory=list)  # the chat as text (system, user, assistant, ...)
     tokens: list = field(default_factory=list)  # the whole conversation, one sequence
     assistant_mask: list = field(default_factory=list)  # 1 where the policy generated the token
@@ -825,6 +825,8 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
     policy(prompts, episodes, budgets) -> list of (token_ids, logprobs or None): one response per
     live episode, generated from its prompt token ids with at most budgets[i] tokens; responses
     that stopped end with the stop token. See model_policy and text_policy.
+    A turn is played only if a full max_response_tokens response fits in max_context_tokens;
+    otherwise the episode ends there (end_reason "context").
     """
     if env_name not in envs.ENVS:
         raise ValueError(f"unknown env {env_name!r}: choose one of {', '.join(envs.ENVS)}")
@@ -835,6 +837,7 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
     head, after_reply, after_user = _template_pieces(tokenizer)
     stop_ids = set(stop_token_ids(tokenizer))
     im_end_text = "<|im_end|>"
+    im_end_id = tokenizer.convert_tokens_to_ids(im_end_text)
 
     episodes = []
     for group, seed in enumerate(seeds):
@@ -856,14 +859,13 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
         for ep in episodes:
             if ep.done:
                 continue
-            if len(ep.tokens) >= max_context_tokens:
-                ep.done, ep.end_reason = True, "context"
+            if len(ep.tokens) + max_response_tokens > max_context_tokens:  # only the first prompt can
+                ep.done, ep.end_reason = True, "context"  # get here: later turns are checked below
                 continue
             live.append(ep)
         if not live:
             break
-        budgets = [min(max_response_tokens, max_context_tokens - len(ep.tokens)) for ep in live]
-        responses = policy([ep.tokens for ep in live], live, budgets)
+        responses = policy([ep.tokens for ep in live], live, [max_response_tokens] * len(live))
         for ep, (new_tokens, new_logprobs) in zip(live, responses):
             stopped = bool(new_tokens) and new_tokens[-1] in stop_ids
             content = tokenizer.decode(new_tokens[:-1] if stopped else new_tokens, skip_special_tokens=False)
@@ -883,10 +885,17 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
             last = ep.turns[-1]
             message = user_message(turn + 1, ep.env.render(), ep.env.actions_left, mode, max_response_tokens,
                                    reward=last["env_reward"])
-            ep.messages.append({"role": "user", "content": message})
-            # after a stopped response the template's "<|im_end|>" is already in the tokens
-            joiner = after_reply[len(im_end_text):] if stopped and after_reply.startswith(im_end_text) else after_reply
+            # after a response that stopped on "<|im_end|>" the template's "<|im_end|>" is already
+            # in the tokens (one that stopped on another end token, e.g. "<|endoftext|>", keeps it)
+            closed = stopped and new_tokens[-1] == im_end_id and after_reply.startswith(im_end_text)
+            joiner = after_reply[len(im_end_text):] if closed else after_reply
             increment = _encode(tokenizer, joiner + message + after_user)
+            # a turn is played only if a full response fits: the conversation never exceeds
+            # max_context_tokens, and no response is cut short by a limit its prompt did not state
+            if len(ep.tokens) + len(increment) + max_response_tokens > max_context_tokens:
+                ep.done, ep.end_reason = True, "context"
+                continue
+            ep.messages.append({"role": "user", "content": message})
             ep.tokens += increment
             ep.assistant_mask += [0] * len(increment)
             ep.logprobs += [0.0] * len(increment)
@@ -1044,7 +1053,7 @@ def micro_batches(batch, lengths, max_tokens):
             pieces.append(piece)
             piece = []
         piece.append(i)
-    return pieces + [piece]
+    return pieces + ([piece] if piece else [])
 
 
 def append_jsonl(path, row):
@@ -1053,13 +1062,38 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def write_jsonl(path, rows):
-    """Write rows as JSON lines to a temporary file, then rename it into place."""
+def metrics_until(path, step):
+    """The metric lines (JSON lines with a "step") of steps up to `step`; [] without a file."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r for r in (json.loads(line) for line in f if line.strip()) if r.get("step", 0) <= step]
+
+
+def drop_metrics_after(path, step):
+    """On resume (or a fresh start, step -1): forget the metric lines of steps after the saved
+    state, since they will be run and logged again. Returns the lines kept."""
+    rows = metrics_until(path, step)
+    if os.path.isfile(path):
+        write_jsonl(path, rows)
+    return rows
+
+
+def write_text(path, text):
+    """Write a whole file atomically: to a temporary file first, then rename it into place, so
+    that a crash leaves either the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def run_config(args):

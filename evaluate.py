@@ -30,8 +30,9 @@ Definitions:
   rendering, the representation SFT teaches whatever --render shows). prediction_exact: the
   probability that the state after the turn's own actions equals the <prediction> (grid) under
   the exact model -- 0 or 1 on Sokoban and Sudoku; on slippery FrozenLake no predictor is always
-  right, so prediction_bayes gives the best possible predictor's score on the same turns. Both are
-  0 on a turn whose format is invalid. Scored over every turn in world-model mode, and over the
+  right, so prediction_bayes gives the best possible predictor's score on the same turns.
+  prediction_exact is 0 on a turn whose format is invalid (its actions did not run); the
+  observation is scored wherever the turn wrote one. Scored over every turn in world-model mode, and over the
   turns that carry both spans in base mode (wm_turns says how many); null when there are none.
   These follow worldmodel_sft.evaluate_world_model. The reference policies write the true current
   state as their observation; random predicts "nothing changes", the oracle the most likely state.
@@ -97,7 +98,8 @@ def parse_args(argv=None):
     # the puzzles
     parser.add_argument("--puzzles", type=int, default=128, help="validation puzzles per env")
     parser.add_argument("--samples", type=int, default=8, help="episodes per puzzle (n of pass@k)")
-    parser.add_argument("--k", type=int, default=8, help="largest k of pass@k (1, 2, 4, ... up to it)")
+    parser.add_argument("--k", type=int, help="largest k of pass@k (1, 2, 4, ... up to it; default: "
+                                              "--samples, at most 8)")
     parser.add_argument("--val-seed-start", type=int, default=123, help="first validation puzzle seed (SPEC §3)")
     parser.add_argument("--env-overrides", type=json.loads, default={},
                         help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' (as in rl.py)')
@@ -118,10 +120,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.puzzles < 1 or args.samples < 1 or args.batch_puzzles < 1:
         parser.error("--puzzles, --samples and --batch-puzzles must be >= 1")
+    args.k = min(args.samples, 8) if args.k is None else args.k
     if not 1 <= args.k <= args.samples:
         parser.error(f"--k must be in 1..--samples ({args.samples}): pass@k needs k <= n samples")
     if args.max_response_tokens is not None and args.max_response_tokens < 1:
         parser.error("--max-response-tokens must be >= 1")
+    if args.max_context_tokens < 1 or args.temperature < 0:
+        parser.error("--max-context-tokens must be >= 1 and --temperature >= 0 (0: greedy)")
     if not args.model and not args.policy:
         parser.error("nothing to evaluate: give --model PATH and/or --policy random|oracle")
     if args.env_overrides and args.all_envs:
@@ -468,10 +473,9 @@ def main(argv=None):
         successes[a, env_name], successes[b, env_name], np.random.default_rng(args.seed))}
         for a, b in args.diff for env_name in env_names]
     table = markdown(rows, env_names, ks, args, differences)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump({"config": config, "rows": rows, "differences": differences}, f, indent=2)
+    agent.write_text(os.path.join(args.out, "report.md"), table)
+    agent.write_json(os.path.join(args.out, "report.json"),
+                     {"config": config, "rows": rows, "differences": differences})
     print(table, flush=True)
     print(json.dumps({"rows": rows, **({"differences": differences} if differences else {})}), flush=True)
     return rows

@@ -12,7 +12,8 @@ One PPO step:
   1. rollout    -- env_groups x group_size multi-turn episodes with the current policy (agent.rollout);
                    each conversation is one token sequence, the assistant tokens are the actions
   2. filter     -- keep the groups (puzzles) whose episode scores vary most: a group where every
-                   sample scored the same has nothing to compare
+                   sample scored the same has nothing to compare (under torchrun each rank
+                   filters the groups it played)
   3. score      -- the log-probs of the acting policy (recomputed with the training forward pass),
                    the critic's values and, with --kl-coef > 0, the reference policy's log-probs
   4. advantages -- the episode score on its last token (or each turn's reward on that turn's last
@@ -31,7 +32,7 @@ Every step's randomness is a function of (--seed, step, rank): the puzzles of st
 train_seed_start + s * env_groups + (0 .. env_groups-1) (modulo --train-puzzles when it is set: a
 fixed set of training puzzles, played again and again), the sampler is reseeded each step, and the
 mini-batch order is drawn from the same key. A resumed run therefore continues exactly as an
-uninterrupted one would.
+uninterrupted one would (on the same number of ranks, which shard and filter the puzzles).
 """
 import argparse
 import json
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
     p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA; tiny preset: a fresh tiny model)")
     p("--out", required=True, help="run folder (created; an existing run there is resumed)")
-    p("--seed", type=int, default=0, help="seed of the sampler, the mini-batch order and the value head")
+    p("--seed", type=int, default=0, help="seed of the sampler and the mini-batch order (the value head starts at 0)")
     p("--env-overrides", type=json.loads, default={},
       help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' or \'{"max_steps": 1}\'')
     # rollout
@@ -98,8 +99,10 @@ def parse_args(argv=None):
     p("--instruction", choices=("full", "short"), help="wording of the env instruction")
     p("--env-groups", type=int, help="puzzles per step")
     p("--group-size", type=int, help="episodes per puzzle")
-    p("--keep-groups", type=float, default=0.25, help="fraction of groups kept, largest score std first")
-    p("--temperature", type=float, default=1.0, help="sampling temperature")
+    p("--keep-groups", type=float, default=0.25,
+      help="fraction of groups kept, largest score std first (per rank under torchrun)")
+    p("--temperature", type=float, default=1.0,
+      help="sampling temperature (> 0); the PPO ratio, entropy and KL use the same tempered distribution")
     p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")
     p("--max-response-tokens", type=int, help="tokens per turn")
     p("--max-context-tokens", type=int, help="tokens per conversation")
@@ -159,6 +162,10 @@ def parse_args(argv=None):
     if min(args.env_groups, args.group_size, args.steps, args.mini_batch, args.ppo_epochs, args.max_turns,
            args.val_puzzles, args.val_samples, args.max_response_tokens) < 1:
         problems.append("counts (--env-groups, --group-size, --steps, --mini-batch, ...) must be >= 1")
+    if args.save_every < 1 or args.val_every < 0:
+        problems.append("--save-every must be >= 1 and --val-every >= 0 (0: only at start and end)")
+    if args.temperature <= 0:
+        problems.append("--temperature must be > 0 (PPO needs a sampled policy)")
     if args.actor_lr <= 0 or args.critic_lr <= 0 or args.kl_coef < 0:
         problems.append("learning rates must be > 0 and --kl-coef >= 0")
     if problem := agent.env_overrides_problem(args.env, args.env_overrides):
@@ -223,7 +230,7 @@ def seed_for(*key):
 # -----------------------------------------------------------------------------
 # The critic: a copy of the checkpoint's transformer with a scalar head instead of the LM head.
 
-def build_critic(model_path, device, seed):
+def build_critic(model_path, device):
     backbone = agent.load_model(model_path, device=device, dtype=torch.float32)[0].base_model
     head = torch.nn.Linear(backbone.config.hidden_size, 1, device=device)
     torch.nn.init.zeros_(head.weight)  # every value starts at 0; identical on every rank
@@ -346,11 +353,12 @@ def rows_of(batch, rows, device):
 # Forward passes. Token t is scored from the hidden state at t-1, so only the positions before an
 # assistant token go through the LM head (a 152k-wide vocabulary makes full logits costly).
 
-def token_logprobs(model, ids, attention, where, with_entropy=False):
-    """(log-prob of each token where `where`, and its distribution's entropy or None), (b, T), 0 elsewhere."""
+def token_logprobs(model, ids, attention, where, temperature=1.0, with_entropy=False):
+    """(log-prob of each token where `where`, and its distribution's entropy or None), (b, T), 0
+    elsewhere; under softmax(logits / temperature), the distribution the sampler drew from."""
     hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     scored = where[:, 1:].bool()  # (b, T-1): token t+1 is scored from position t
-    logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()  # (n, V)
+    logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float() / temperature  # (n, V)
     logp_all = torch.log_softmax(logits, -1)
     logp = torch.zeros(ids.shape, device=ids.device)
     logp[:, 1:][scored] = logp_all.gather(-1, ids[:, 1:][scored][:, None]).squeeze(-1)
@@ -442,15 +450,16 @@ def score_batch(actor, critic, reference, batch, args, device, autocast):
         mb = rows_of(batch, rows, device)
         w = mb["ids"].shape[1]
         with autocast:
-            batch["old_logprobs"][rows, :w] = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"])[0].cpu()
+            batch["old_logprobs"][rows, :w] = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"],
+                                                             args.temperature)[0].cpu()
             batch["values"][rows, :w] = token_values(critic, mb["ids"], mb["attention"], mb["action"]).cpu()
             if reference is not None:
                 batch["ref_logprobs"][rows, :w] = token_logprobs(reference, mb["ids"], mb["attention"],
-                                                                 mb["action"])[0].cpu()
+                                                                 mb["action"], args.temperature)[0].cpu()
     batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["action"], args.gamma,
                                                 args.lam)
-    if not args.no_whiten:
-        batch["advantages"] = whiten(batch["advantages"], batch["action"], device)
+    if not args.no_whiten:  # over the tokens the policy loss uses (without the states under --no-state-loss)
+        batch["advantages"] = whiten(batch["advantages"], batch["policy"], device)
 
 
 def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, autocast, step):
@@ -458,7 +467,7 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
     ranks); gradients accumulated over micro-batches and summed over ranks. Returns summed
     statistics for the step's metrics."""
     n = len(batch["lengths"])
-    per_rank = max(1, args.mini_batch // world)
+    per_rank = args.mini_batch // world
     stats = dict.fromkeys(("pg_loss", "entropy", "clip_low", "clip_high", "approx_kl", "approx_kl_outside", "kl_ref",
                            "policy_tokens", "outside_tokens",
                            "value_loss", "value_clip", "value_tokens", "actor_grad_norm", "critic_grad_norm",
@@ -481,8 +490,8 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
                 mb = rows_of(batch, micro, device)
                 policy, action = mb["policy"].float(), mb["action"].float()
                 with autocast:
-                    logp, entropy = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"], with_entropy=True)
-                    values = token_values(critic, mb["ids"], mb["attention"], mb["action"])
+                    logp, entropy = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"], args.temperature,
+                                                    with_entropy=True)
                 pg, low, high = policy_loss_terms(logp, mb["old_logprobs"], mb["advantages"], args.clip_low,
                                                   args.clip_high)
                 actor_loss = ((pg - args.entropy_coef * entropy) * policy).sum() / max(policy_tokens, 1)
@@ -492,7 +501,9 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
                     kl = kl_terms(logp, mb["ref_logprobs"])
                     actor_loss = actor_loss + args.kl_coef * (kl * action).sum() / max(response_tokens, 1)
                     stats["kl_ref"] += (kl * action).sum().item()
-                actor_loss.backward()
+                actor_loss.backward()  # before the critic's forward: one activation graph alive at a time
+                with autocast:
+                    values = token_values(critic, mb["ids"], mb["attention"], mb["action"])
                 vl, vclipped = value_loss_terms(values, mb["values"], mb["returns"], args.value_clip)
                 ((vl * action).sum() / max(response_tokens, 1)).backward()
                 stats["pg_loss"] += (pg * policy).sum().item()
@@ -578,8 +589,9 @@ def memory_plan(n_params, config, args, device, world):
     sequences = args.env_groups * args.group_size // world
     weights = 2 * 4 * n_params / gb  # actor and critic, fp32
     moments = 2 * 8 * n_params / gb
+    reference_bytes = 2 if device.type == "cuda" else 4  # agent.load_model's default dtype
     copies = ((rollout_bytes * n_params / gb) if rollout_bytes == 2 else 0.0) + \
-        ((rollout_bytes * n_params / gb) if args.kl_coef > 0 else 0.0)
+        ((reference_bytes * n_params / gb) if args.kl_coef > 0 else 0.0)
     kv_cache = sequences * args.max_context_tokens * config.num_hidden_layers * 2 * kv_heads * head_dim \
         * rollout_bytes / gb
     resident = weights + copies + (0.0 if args.offload_optimizer else moments)
@@ -616,21 +628,15 @@ def load_train_state(path):
             from None
 
 
-def drop_metrics_after(path, step):
-    """Forget the metric lines of steps after the saved state: they will be redone."""
-    if os.path.isfile(path):
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        agent.write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     is_main = rank == 0
-    if args.env_groups % world:
-        raise SystemExit(f"error: --env-groups {args.env_groups} must be a multiple of the {world} ranks")
+    if args.env_groups % world or args.mini_batch % world:
+        raise SystemExit(f"error: --env-groups {args.env_groups} and --mini-batch {args.mini_batch} must be "
+                         f"multiples of the {world} ranks")
     config = agent.run_config(args)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     state_path = os.path.join(args.out, "train_state.pt")
@@ -653,7 +659,7 @@ def main(argv=None):
             dist.barrier()
     try:
         actor, tokenizer = agent.load_model(model_path, device=device, dtype=torch.float32)
-        critic = build_critic(model_path, device, args.seed)
+        critic = build_critic(model_path, device)
     except agent.ModelLoadError as e:
         raise SystemExit(f"error: {e}") from None
     reference = agent.load_model(model_path, device=device)[0].requires_grad_(False) if args.kl_coef > 0 else None
@@ -667,8 +673,7 @@ def main(argv=None):
                   memory_plan_gb=memory_plan(n_params, actor.config, args, device, world))
     if is_main:
         print(json.dumps(config, indent=2, sort_keys=True), flush=True)
-        with open(os.path.join(args.out, "run_config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        agent.write_json(os.path.join(args.out, "run_config.json"), config)
 
     fused = device.type == "cuda"
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, fused=fused)
@@ -684,8 +689,10 @@ def main(argv=None):
         step = state["step"]
         if is_main:
             print(f"resuming at step {step}", flush=True)
-    if is_main:
-        drop_metrics_after(metrics_path, step if step else -1)  # a fresh start forgets an earlier partial run
+    # a fresh start (step 0) forgets an earlier partial run's lines; only rank 0 writes
+    kept_rows = (agent.drop_metrics_after if is_main else agent.metrics_until)(metrics_path, step if step else -1)
+    # a run resumed at the step it validated last (a finished run run again) keeps that validation
+    validated = [r for r in kept_rows if step and r.get("step") == step and "val/format_valid" in r]
     if sampler is not actor:
         sampler.load_state_dict(actor.state_dict())
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
@@ -702,7 +709,7 @@ def main(argv=None):
         return row
 
     # 2. train
-    last_validation = validation() if step == 0 else None
+    last_validation = validation() if step == 0 else (validated[-1] if validated else None)
     progress = tqdm(total=args.steps, initial=step, desc="ppo", disable=None if is_main else True)
     while step < args.steps:
         start = time.perf_counter()
@@ -719,8 +726,9 @@ def main(argv=None):
         rollout_s = time.perf_counter() - start
         kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward)
         batch, kept = build_batch(kept, tokenizer, args)
-        if not kept:
-            raise SystemExit("error: no episode has an assistant token (is --max-context-tokens below the prompt?)")
+        if all_sum([0.0 if kept else 1.0], device)[0]:  # every rank stops together, none waits on another
+            raise SystemExit("error: a rank kept no episode with an assistant token (does the first prompt plus "
+                             "--max-response-tokens exceed --max-context-tokens?)")
         # score: old log-probs, values, advantages
         mark = time.perf_counter()
         score_batch(actor, critic, reference, batch, args, device, autocast)

@@ -20,8 +20,8 @@ Where this departs from the paper's recipe, and why:
   format); it states its planned actions in its thoughts before the prediction, so the
   prediction is a function of what the model has written so far. At paper scale the behaviour
   policy is the model itself and its own thoughts are kept.
-- Held-out turns are whole puzzles (every 5th seed), not random turns, so no held-out puzzle was
-  seen in training.
+- Held-out turns are whole puzzles (every 5th puzzle of each self-play batch: 6 of the paper
+  preset's 32), not random turns, so no held-out puzzle was seen in training.
 - States in the rewritten responses stand on lines of their own (see agent.replace_states).
 - The tiny preset's rewritten thoughts end with a trace of the turn (`--thought-trace`: "Right to
   (2,2)." -- where the player and any pushed box went after each action), written before the
@@ -103,7 +103,8 @@ def parse_args(argv=None):
                              "(the same loss in about 40%% of the compute; --batch-size then counts episodes)")
     parser.add_argument("--epochs", type=int, help="passes over the training turns")
     parser.add_argument("--max-train-tokens", type=float,
-                        help="stop once this many tokens (padding included) were trained on; the schedule ends there")
+                        help="stop once this many tokens (each batch padded to its longest sequence) were trained "
+                             "on; the schedule ends there")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step")
     parser.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward (memory)")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -124,9 +125,9 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value[args.env] if isinstance(value, dict) else value)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or not 0 <= args.warmup < 1 \
-            or args.heldout_loss_turns < 0:
-        parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --warmup < 1 and "
-                     "--heldout-loss-turns >= 0")
+            or args.heldout_loss_turns < 0 or args.eval_turns < 1 or args.save_every < 1:
+        parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --warmup < 1, "
+                     "--heldout-loss-turns >= 0, --eval-turns >= 1 and --save-every >= 1")
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
     if problem := agent.env_overrides_problem(args.env, args.env_overrides):
@@ -138,15 +139,16 @@ def parse_args(argv=None):
 # Self-play data: play, rewrite each turn with the true states, one example per kept turn
 
 def examples_from_episodes(episodes, heldout_every=5, thought_trace=False):
-    """One example per assistant turn whose response has the world-model structure.
+    """One example per assistant turn whose response follows the world-model format
+    (agent.parse_response: the observation and prediction spans, and an answer with actions).
 
     The prompt is the conversation up to that turn, with earlier kept turns also rewritten (the
     model learns from conversations whose states are all true); the target is the response with
     <observation> = the true state before the turn (coordinates rendering) and <prediction> = the
     true state after the actions it ran (grid rendering); with thought_trace, the thoughts end
     with the trace of the pieces' moves (agent.trace_sentence; the example's "trace"). Turns that
-    break the structure are dropped but stay in later prompts as they were written. Every
-    heldout_every-th puzzle is held out (split "heldout"), the rest are "train".
+    break the format are dropped but stay in later prompts as they were written. Every
+    heldout_every-th puzzle of the rollout is held out (split "heldout"), the rest are "train".
     """
     examples = []
     for ep in episodes:
@@ -154,7 +156,7 @@ def examples_from_episodes(episodes, heldout_every=5, thought_trace=False):
         history = []  # the actions each earlier turn ran, to rebuild the env at this turn
         for k, turn in enumerate(ep.turns):
             parsed = agent.parse_response(turn["response"], "worldmodel")
-            if parsed["observation"] is not None and parsed["prediction"] is not None:
+            if parsed["format_valid"]:
                 trace = agent.trace_sentence(turn["executed"], turn["pieces"]) if thought_trace else ""
                 target = agent.replace_states(turn["response"][len(agent.THINK_START):], turn["coords_before"],
                                               turn["state_after"], trace)
@@ -230,6 +232,8 @@ def _without_trace(example):
 
 REQUIRED_KEYS = ("env", "seed", "sample", "turn", "split", "messages", "response", "observation", "prediction",
                  "history")
+FIELD_TYPES = {"seed": int, "sample": int, "turn": int, "messages": list, "response": str, "observation": str,
+               "prediction": str, "history": list}
 
 
 def read_dataset(path):
@@ -252,6 +256,11 @@ def read_dataset(path):
                                  f"not a dataset written by this script")
             if not isinstance(example.get("trace", ""), str):
                 raise SystemExit(f"error: {path}:{number}: the thought trace is not a string")
+            wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(example[k], kind)]
+            if wrong or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                and isinstance(m.get("content"), str) for m in example["messages"]):
+                raise SystemExit(f"error: {path}:{number}: {', '.join(wrong) or 'messages'} of the wrong type; "
+                                 f"not a dataset written by this script")
             if example["env"] not in envs.ENVS or example["split"] not in ("train", "heldout"):
                 raise SystemExit(f"error: {path}:{number}: unknown env {example['env']!r} "
                                  f"or split {example['split']!r}")
@@ -403,8 +412,9 @@ def heldout_metrics(model, encoded, pad_id, device, max_tokens, autocast):
             has = of_kind.any(-1)  # (b,)
             exact[kind][0] += int(((correct | ~of_kind).all(-1) & has).sum())
             exact[kind][1] += int(has.sum())
-    ratio = lambda pair: round(pair[0] / max(1, pair[1]), 4)  # noqa: E731
-    return {"heldout/loss": round(totals["loss"] / max(1, totals["loss_tokens"]), 5),
+    ratio = lambda pair: round(pair[0] / pair[1], 4) if pair[1] else None  # noqa: E731  (None: nothing held out)
+    loss = round(totals["loss"] / totals["loss_tokens"], 5) if totals["loss_tokens"] else None
+    return {"heldout/loss": loss,
             "heldout/observation_token_acc": ratio(right[OBSERVATION]),
             "heldout/prediction_token_acc": ratio(right[PREDICTION]),
             "heldout/observation_exact_forced": ratio(exact[OBSERVATION]),
@@ -434,15 +444,15 @@ def train_step(model, optimizer, encoded, batch, lengths, pad_id, device, autoca
 
 def planned_steps(lengths, args):
     """Optimiser steps of the whole run: every batch of every epoch, or fewer where
-    --max-train-tokens runs out first (counted as padded tokens along the same batch order the
-    run will use, so the cosine schedule ends exactly where training does)."""
+    --max-train-tokens runs out first (counted as each batch padded to its longest sequence, along
+    the same batch order the run will use, so the cosine schedule ends exactly where training
+    does; how a batch is split into micro-batches changes neither)."""
     steps = tokens = 0
     for epoch in range(args.epochs):
         for batch in length_bucketed_batches(lengths, args.batch_size, random.Random(f"{args.seed}-{epoch}")):
             if args.max_train_tokens is not None and tokens >= args.max_train_tokens:
                 return steps
-            tokens += sum(len(piece) * max(lengths[i] for i in piece)
-                          for piece in agent.micro_batches(batch, lengths, args.micro_batch_tokens))
+            tokens += len(batch) * max(lengths[i] for i in batch)
             steps += 1
     return steps
 
@@ -549,8 +559,7 @@ def main(argv=None):
             raise SystemExit(f"error: {args.out} holds an SFT run with other settings ({changed}); "
                              f"use another --out, or delete the folder to start over")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
-    with open(os.path.join(args.out, "run_config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    agent.write_json(os.path.join(args.out, "run_config.json"), config)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = agent.default_device()
@@ -568,6 +577,9 @@ def main(argv=None):
     if args.data is not None or os.path.isfile(data_path):
         examples = read_dataset(args.data or data_path)
         print(f"dataset: {len(examples)} turns from {args.data or data_path}", flush=True)
+        if foreign := sorted({ex["env"] for ex in examples} - {args.env}):
+            raise SystemExit(f"error: {args.data or data_path} holds {', '.join(foreign)} turns, not {args.env}; "
+                             f"pass the --env it was made for")
     else:
         rng = random.Random(args.seed)
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -585,8 +597,9 @@ def main(argv=None):
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
     train = [ex for ex in examples if ex["split"] == "train"]
     heldout = [ex for ex in examples if ex["split"] == "heldout"]
-    if not train:
-        raise SystemExit("error: no training turns (every turn broke the format?)")
+    if not train or not heldout:
+        raise SystemExit(f"error: no {'training' if not train else 'held-out'} turns (every turn broke the "
+                         f"format? or fewer than 5 puzzles per self-play batch, --env-groups, hold none out)")
     if args.state_targets == "shuffled":  # held-out turns keep the truth: they measure the world model
         train = shuffled_states(train, random.Random(f"{args.seed}-states"))
 
@@ -595,6 +608,8 @@ def main(argv=None):
     encoded = [e for e in (encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences)
                if len(e[0]) <= args.max_length]
     lengths = [len(e[0]) for e in encoded]
+    if not encoded:
+        raise SystemExit(f"error: no training sequence fits in --max-length {args.max_length}")
     heldout_sample = random.Random(f"{args.seed}-heldout").sample(heldout, min(args.heldout_loss_turns, len(heldout)))
     heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout_sample)
                        if len(e[0]) <= args.max_length]
@@ -617,6 +632,7 @@ def main(argv=None):
         step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resuming at step {step} (epoch {first_epoch}, batch {skip_batches})", flush=True)
+    agent.drop_metrics_after(metrics_path, step if step else -1)  # a fresh start forgets an earlier partial run
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
 
@@ -666,8 +682,7 @@ def main(argv=None):
     chosen = rng.sample(heldout, min(args.eval_turns, len(heldout))) if heldout else []
     summary, records = evaluate_world_model(model, tokenizer, chosen, args.max_response_tokens)
     summary.update(env=args.env, loss_spans=args.loss_spans, state_targets=args.state_targets, steps=step)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    agent.write_json(os.path.join(args.out, "eval.json"), summary)
     agent.write_jsonl(os.path.join(args.out, "eval_samples.jsonl"), records)
     print(json.dumps(summary), flush=True)
     return summary

@@ -286,11 +286,9 @@ def main(argv=None):
         cells = [f"{points[i]['pass@1']:.3f} / {points[i]['pass@8']:.3f}" for points in curves.values()]
         lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
     report = "\n".join(lines) + "\n"
-    with open(path("report.md"), "w") as f:
-        f.write(report)
-    with open(path("report.json"), "w") as f:
-        json.dump({"summary": summary, "rows": row, "differences": differences, "curves": curves,
-                   "stages": stages}, f, indent=2)
+    agent.write_text(path("report.md"), report)
+    agent.write_json(path("report.json"), {"summary": summary, "rows": row, "differences": differences,
+                                           "curves": curves, "stages": stages})
     log(report)
     print(json.dumps(summary))
 

@@ -307,6 +307,8 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
         "not a Hugging Face checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path)],
         "nothing to evaluate": ["--env", "sokoban"],
         "--k must be": ["--env", "sokoban", "--policy", "random", "--samples", "4", "--k", "8"],
+        "--temperature >= 0": ["--env", "sokoban", "--policy", "random", "--temperature", "-1"],
+        "--max-context-tokens must be >= 1": ["--env", "sokoban", "--policy", "random", "--max-context-tokens", "0"],
         "--env-overrides": ["--env", "frozenlake", "--policy", "random", "--env-overrides", '{"colour": 1}'],
         "not --all-envs": ["--all-envs", "--policy", "random", "--env-overrides", '{"slippery": false}'],
         "is not evaluated here": ["--env", "sokoban", "--policy", "random", "--diff", "random", "oracle"],
@@ -318,6 +320,9 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
         message = capsys.readouterr().err if exit_info.value.code == 2 else str(exit_info.value.code)
         assert expected in message and len(message.strip().splitlines()) == 1, (expected, message)
     assert not out.exists()  # nothing was written: every check ran before any work
+    # fewer samples than the default largest k: k follows them
+    assert ev.parse_args(["--env", "sokoban", "--policy", "random", "--samples", "4"]).k == 4
+    assert ev.parse_args(["--env", "sokoban", "--policy", "random"]).k == 8
     # as a script: exactly one line on stderr, no traceback
     procs = [subprocess.Popen([sys.executable, "evaluate.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

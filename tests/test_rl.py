@@ -132,14 +132,15 @@ def small_args(**overrides):
     return args
 
 
-def test_recomputed_logprobs_equal_the_samplers(tiny, tiny_dir):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_logprobs_equal_the_samplers(tiny, tiny_dir, temperature):
     model, tokenizer = tiny
-    args = small_args(max_response_tokens=40, micro_batch_tokens=2000)
+    args = small_args(max_response_tokens=40, micro_batch_tokens=2000, temperature=temperature)
     generator = torch.Generator().manual_seed(0)
-    policy = agent.model_policy(model, tokenizer, generator=generator)
+    policy = agent.model_policy(model, tokenizer, temperature=temperature, generator=generator)
     episodes = agent.rollout(policy, tokenizer, "frozenlake", [10, 11], 3, **rl.rollout_kwargs(args))
     batch, kept = rl.build_batch(episodes, tokenizer, args)
-    critic = rl.build_critic(tiny_dir, "cpu", 0)
+    critic = rl.build_critic(tiny_dir, "cpu")
     rl.score_batch(model, critic, None, batch, args, torch.device("cpu"), rl.nullcontext())
     action = batch["action"].bool()
     assert action.sum() > 100
@@ -269,7 +270,7 @@ def test_step_puzzle_seeds_are_new_every_step_or_cycle_through_the_training_puzz
 
 def test_one_update_raises_the_probability_of_the_higher_advantage_response(tiny_dir):
     model, tokenizer = agent.load_model(tiny_dir, device="cpu")
-    critic = rl.build_critic(tiny_dir, "cpu", 0)
+    critic = rl.build_critic(tiny_dir, "cpu")
     prompt = tokenizer.encode("<|im_start|>user\nTurn 1:\nState:\nP_G_\n<|im_end|>\n<|im_start|>assistant\n<think>",
                               add_special_tokens=False)
     good = tokenizer.encode("</think><answer>Right</answer><|im_end|>", add_special_tokens=False)
@@ -312,7 +313,7 @@ def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir)
     penalty to the reference must still cover them, or nothing holds the SFT's world model in place
     (measured: lr 5e-4 without it, exact observations in play went 0.85 -> 0.02 in 20 steps)."""
     model, tokenizer = agent.load_model(tiny_dir, device="cpu")
-    critic = rl.build_critic(tiny_dir, "cpu", 0)
+    critic = rl.build_critic(tiny_dir, "cpu")
     policy = agent.random_policy(tokenizer, random.Random(0), "worldmodel")
     episodes = agent.rollout(policy, tokenizer, "frozenlake", [10, 11], 2, mode="worldmodel", instruction="short")
     args = small_args(state_loss=False, kl_coef=0.5, entropy_coef=0.0, weight_decay=0.0, mini_batch=64)
@@ -389,6 +390,9 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
         rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1",
                          "--actor-lr", "5e-4"))
     assert rows("moved/b")[-1]["step"] == 2
+    # the finished run run again: nothing is redone or logged twice, the same summary
+    again = rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
+    assert rows("moved/b") == rows("a") and again == resumed
     assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["actor_lr"] == 1e-3
     assert os.path.isfile(tmp_path / "a" / "model" / "model.safetensors")
     reloaded, _ = agent.load_model(str(tmp_path / "a" / "model"), device="cpu")
@@ -433,6 +437,18 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     (out / "train_state.pt").write_bytes(b"not a checkpoint")
     result = run_cli(*tiny_run(tiny_dir, out))
     assert result.returncode == 1 and "cannot resume from" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--val-every", "-1"], "--val-every >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--keep-groups", "1.5"], "--keep-groups must be in (0, 1]"),
+])
+def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        rl.parse_args(["--env", "frozenlake", "--out", "unused", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_memory_plan_of_the_paper_configuration():

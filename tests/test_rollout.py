@@ -254,15 +254,29 @@ def test_rollout_tokens_masks_and_truncated_responses(tiny):
 def test_rollout_context_limit(tiny):
     _, tokenizer = tiny
     responses = [answer("Down") + " padding" * 30] * 5
-    episodes = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1, mode="base",
-                             render="grid", instruction="short", max_context_tokens=260, max_response_tokens=100,
-                             env_overrides={"desc": ["P___", "____", "____", "___G"], "slippery": False})
-    (ep,) = episodes
-    assert ep.end_reason == "context" and len(ep.turns) < 5
-    starts = [i for i in range(len(ep.tokens)) if ep.assistant_mask[i] and not ep.assistant_mask[i - 1]]
-    for start, end in zip(starts, ep.turn_ends):
-        assert start < 260 and end + 1 - start <= min(100, 260 - start)  # the budget shrinks near the limit
-    assert len(ep.tokens) >= 260
+    inner, budgets_seen = scripted(tokenizer, responses), []
+
+    def policy(prompts, episodes, budgets):
+        budgets_seen.extend(budgets)
+        return inner(prompts, episodes, budgets)
+
+    kwargs = dict(mode="base", render="grid", instruction="short", max_response_tokens=100,
+                  env_overrides={"desc": ["P___", "____", "____", "___G"], "slippery": False})
+    (ep,) = agent.rollout(policy, tokenizer, "frozenlake", [1], 1, max_context_tokens=260, **kwargs)
+    assert ep.end_reason == "context" and 1 <= len(ep.turns) < 5
+    # every turn got its full response budget, and the conversation stays within the limit
+    assert budgets_seen == [100] * len(ep.turns) and len(ep.tokens) <= 260
+    # it ends on the last answered turn: the next user message and a full response would not fit
+    assert ep.messages[-1]["role"] == "assistant" and ep.turn_ends[-1] == len(ep.tokens) - 1
+    (longer,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1,
+                              max_context_tokens=10_000, **kwargs)
+    assert longer.tokens[:len(ep.tokens)] == ep.tokens and len(longer.turns) > len(ep.turns)
+    starts = [i for i in range(1, len(longer.tokens)) if longer.assistant_mask[i] and not longer.assistant_mask[i - 1]]
+    assert starts[len(ep.turns)] + 100 > 260 >= starts[len(ep.turns) - 1] + 100
+    # a first prompt that leaves no room for a full response plays no turn
+    (none,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1,
+                            max_context_tokens=starts[0] + 99, **kwargs)
+    assert none.end_reason == "context" and none.turns == [] and none.tokens == longer.tokens[:starts[0]]
 
 
 def test_rollout_with_the_model_is_reproducible(tiny):
@@ -318,3 +332,22 @@ def test_rollout_rejects_bad_arguments(tiny):
         agent.rollout(policy, tokenizer, "sokoban", [0], 1, mode="wm")
     with pytest.raises(ValueError, match="unknown instruction"):
         agent.rollout(policy, tokenizer, "sokoban", [0], 1, instruction="long")
+
+
+def test_a_response_that_stops_on_another_end_token_is_still_closed_by_the_template(tiny_dir):
+    # a base (non-instruct) Qwen tokenizer's EOS is <|endoftext|>: a response may stop on it, and
+    # the template's <|im_end|> must still close the message before the next user turn
+    tokenizer = agent.load_tokenizer(tiny_dir)
+    tokenizer.eos_token = "<|endoftext|>"
+    end_of_text, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    assert set(agent.stop_token_ids(tokenizer)) == {end_of_text, im_end}
+
+    def policy(prompts, episodes, budgets):
+        return [(agent._encode(tokenizer, answer("Up")) + [end_of_text], None) for _ in episodes]
+
+    (ep,) = agent.rollout(policy, tokenizer, "sokoban", [10_000], 1, mode="base", max_turns=2)
+    assert [turn["stopped"] for turn in ep.turns] == [True, True]
+    first_end = ep.turn_ends[0]
+    assert ep.tokens[first_end] == end_of_text and ep.tokens[first_end + 1] == im_end
+    assert ep.assistant_mask[first_end] == 1 and ep.assistant_mask[first_end + 1] == 0
+    assert "<|endoftext|><|im_end|>\n<|im_start|>user" in tokenizer.decode(ep.tokens)

@@ -84,6 +84,7 @@ def test_sampled_logprobs_match_a_full_forward(tiny_dir):
             sequence = torch.tensor([prompt + new])
             with torch.no_grad():
                 logits = model(sequence).logits[0, len(prompt) - 1:-1].float()  # (n, V): predicts each new token
+            logits = logits / kwargs["temperature"]  # the distribution drawn from, before top-k / top-p
             expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
             assert torch.allclose(torch.tensor(lps), expected, atol=1e-4)
 

@@ -98,8 +98,10 @@ def test_substitution_invalid_actions_broken_turns_and_history(tiny):
     room = "#######\n#P____#\n#___XO#\n#######"
     responses = [wm("Right || Jump || Right"),  # an action the env rejects: the state reflects the valid ones
                  "no structure at all</think><answer>Down</answer>",  # broken: dropped, but stays in the history
-                 wm("Down")]
-    (ep,) = play(tokenizer, "sokoban", responses, {"room": room}, max_turns=3)
+                 wm("Down"),
+                 wm("Up", answer=" ")]  # both states but no action: format-invalid, dropped too
+    (ep,) = play(tokenizer, "sokoban", responses, {"room": room}, max_turns=4)
+    assert len(ep.turns) == 4 and not ep.turns[3]["format_valid"] and ep.turns[3]["observation"] == "x"
     examples = sft.examples_from_episodes([ep])
     assert [ex["turn"] for ex in examples] == [1, 3]
     first, third = examples
@@ -262,6 +264,14 @@ def test_planned_steps_follow_epochs_and_the_token_budget():
     assert sft.planned_steps(lengths, Args) == 20  # 10 batches of 4, twice
     Args.max_train_tokens = 1000  # each batch is 400 padded tokens: the budget runs out after 3
     assert sft.planned_steps(lengths, Args) == 3
+    # how a batch is split into micro-batches (a memory setting, which a resume may change) does
+    # not move the schedule
+    lengths = [random.Random(i).randint(20, 400) for i in range(200)]
+    Args.max_train_tokens = 30_000
+    steps = set()
+    for Args.micro_batch_tokens in (300, 1000, 10**7):
+        steps.add(sft.planned_steps(lengths, Args))
+    assert len(steps) == 1 and 0 < steps.pop() < 100
 
 
 def test_learning_rate_schedule():
@@ -343,6 +353,7 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     def losses(rows):  # the last logged loss of every step
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     assert losses(rows_b) == losses(rows_a)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]  # the redone steps are logged once
     assert [r for r in rows_b if "heldout/loss" in r] == [r for r in rows_a if "heldout/loss" in r]
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "renamed" / "train_state.pt", weights_only=False)["model"]
@@ -369,9 +380,24 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
                                    "trace": 5}) + "\n")
     with pytest.raises(SystemExit, match="thought trace is not a string"):
         sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
-    with pytest.raises(SystemExit):
-        sft.main(SMALL + ["--out", str(tmp_path / "v"), "--heldout-loss-turns", "-1"])
-    assert "--heldout-loss-turns >= 0" in capsys.readouterr().err
+    corrupt.write_text(json.dumps({**{key: "x" for key in sft.REQUIRED_KEYS}, "env": "frozenlake", "split": "train",
+                                   "seed": 0, "sample": 0, "turn": 1, "history": []}) + "\n")
+    with pytest.raises(SystemExit, match="messages of the wrong type"):
+        sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    sokoban = {**{key: "x" for key in sft.REQUIRED_KEYS}, "env": "sokoban", "split": "train", "seed": 0,
+               "sample": 0, "turn": 1, "history": [], "messages": [{"role": "user", "content": "x"}]}
+    corrupt.write_text(json.dumps(sokoban) + "\n")
+    with pytest.raises(SystemExit, match="holds sokoban turns, not frozenlake"):
+        sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    for flags, message in ((["--heldout-loss-turns", "-1"], "--heldout-loss-turns >= 0"),
+                           (["--save-every", "0"], "--save-every >= 1"), (["--eval-turns", "0"], "--eval-turns >= 1")):
+        with pytest.raises(SystemExit):
+            sft.main(SMALL + ["--out", str(tmp_path / "v"), *flags])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no held-out turns"):  # 4 puzzles a batch: every 5th holds out none
+        sft.main(SMALL + ["--out", str(tmp_path / "u"), "--env-groups", "4"])
+    with pytest.raises(SystemExit, match="no training sequence fits in --max-length 10"):
+        sft.main(SMALL + ["--out", str(tmp_path / "t"), "--max-length", "10"])
     with pytest.raises(SystemExit, match="no such folder"):
         sft.main(SMALL + ["--out", str(tmp_path / "z"), "--model", str(tmp_path / "no-model")])
     run = tmp_path / "w"
