@@ -23,6 +23,8 @@ One PPO step:
                    starting policy (on every response token, states included), clipped
                    value loss; token means over the mini-batch, gradient accumulation over
                    micro-batches, gradient clipping; separate actor and critic optimisers.
+Then the step's metrics line, validation every --val-every steps and a resumable save. main()
+numbers these steps in its loop.
 
 The run folder gets run_config.json, metrics.jsonl (one line per step, plus validation lines),
 train_state.pt (resume: run the same command again) and model/ (the final actor as a Hugging Face
@@ -629,6 +631,73 @@ def load_train_state(path):
 
 
 # -----------------------------------------------------------------------------
+# What a step reports
+
+def step_metrics(step, episodes, batch, stats, args, device, world, timings):
+    """One metrics line, reduced over ranks: rollout statistics over all episodes, PPO statistics
+    over the kept ones."""
+    turns = [t for ep in episodes for t in ep.turns]
+    hits = [worldmodel_hits(t) for t in turns]
+    action = batch["action"].bool()
+    returns, values = batch["returns"][action], batch["values"][action]
+    local = [len(episodes), sum(ep.score for ep in episodes), sum(ep.success for ep in episodes),
+             sum(len(ep.turns) for ep in episodes), sum(len(t["executed"]) for t in turns),
+             len(turns), sum(t["format_valid"] for t in turns), sum(h[0] for h in hits), sum(h[1] for h in hits),
+             sum(sum(ep.assistant_mask) for ep in episodes), sum(len(ep.tokens) for ep in episodes),
+             len(batch["lengths"]), returns.numel(), returns.sum().item(), (returns ** 2).sum().item(),
+             (returns - values).sum().item(), ((returns - values) ** 2).sum().item(),
+             batch["sampler_logprobs"][action].sub(batch["old_logprobs"][action]).abs().sum().item()]
+    keys = list(stats)
+    total = all_sum(local + [stats[k] for k in keys], device)
+    (n_eps, score, success, n_turns, executed, turn_count, valid, obs_hits, pred_hits, generated, tokens, kept,
+     n_values, ret_sum, ret_sq, err_sum, err_sq, sampler_gap) = total[:len(local)]
+    s = dict(zip(keys, total[len(local):]))
+
+    def var(total, square, count):
+        return square / max(count, 1) - (total / max(count, 1)) ** 2
+    ptoks, vtoks, opt_steps = max(s["policy_tokens"], 1), max(s["value_tokens"], 1), max(s["optimizer_steps"], 1)
+    ret_var = var(ret_sum, ret_sq, n_values)
+    row = {
+        "step": step,
+        "train/reward": score / n_eps, "train/success": success / n_eps, "train/turns": n_turns / n_eps,
+        "train/actions": executed / n_eps, "train/format_valid": valid / max(turn_count, 1),
+        "train/observation_exact": obs_hits / max(turn_count, 1),
+        "train/prediction_exact": pred_hits / max(turn_count, 1),
+        "train/response_tokens": generated / max(turn_count, 1), "train/kept_episodes": kept,
+        "actor/pg_loss": s["pg_loss"] / ptoks, "actor/entropy": s["entropy"] / ptoks,
+        "actor/clip_frac_low": s["clip_low"] / ptoks, "actor/clip_frac_high": s["clip_high"] / ptoks,
+        "actor/approx_kl": s["approx_kl"] / ptoks,
+        "actor/approx_kl_outside_loss": s["approx_kl_outside"] / max(s["outside_tokens"], 1),
+        "actor/kl_ref": s["kl_ref"] / vtoks,
+        "actor/grad_norm": s["actor_grad_norm"] / opt_steps,  # the same on every rank: summed, then / steps
+        "actor/sampler_logprob_gap": sampler_gap / max(n_values, 1),
+        "critic/value_loss": s["value_loss"] / vtoks, "critic/value_clip_frac": s["value_clip"] / vtoks,
+        "critic/explained_var": 1 - var(err_sum, err_sq, n_values) / ret_var if ret_var > 1e-12 else 0.0,
+        "critic/grad_norm": s["critic_grad_norm"] / opt_steps,
+        "perf/tokens_per_s": tokens / timings["step_s"], "perf/peak_mem_gb": peak_memory_gb(device),
+        **{f"perf/{k}": v for k, v in timings.items()},
+    }
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def ranks_in_sync(actor, critic, world, device):
+    """Whether every rank holds the same weights (compared by per-tensor sums: cheap, and any
+    drift between ranks shows in them). Always true in one process."""
+    if world == 1:
+        return True
+    sums = torch.stack([p.detach().double().sum() for m in (actor, critic) for p in m.parameters()]).to(device)
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux: the process's peak RSS
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
@@ -718,22 +787,23 @@ def main(argv=None):
         if args.offload_optimizer:
             move_optimizer_state(actor_opt, "cpu")
             move_optimizer_state(critic_opt, "cpu")
-        # rollout: this rank's share of the step's puzzles
+        # step 1. rollout: this rank's share of the step's puzzles
         seeds = step_puzzle_seeds(args, step)[rank::world]
         generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "rollout", step, rank))
         policy = agent.model_policy(sampler.eval(), tokenizer, temperature=args.temperature, generator=generator)
         episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.group_size, **rollout_kwargs(args))
         rollout_s = time.perf_counter() - start
+        # step 2. filter groups; the kept episodes as (N, T) tensors with the rewards on their tokens
         kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward)
         batch, kept = build_batch(kept, tokenizer, args)
         if all_sum([0.0 if kept else 1.0], device)[0]:  # every rank stops together, none waits on another
             raise SystemExit("error: a rank kept no episode with an assistant token (does the first prompt plus "
                              "--max-response-tokens exceed --max-context-tokens?)")
-        # score: old log-probs, values, advantages
+        # steps 3-4. score: old log-probs, values, reference log-probs; GAE advantages and returns
         mark = time.perf_counter()
         score_batch(actor, critic, reference, batch, args, device, autocast)
         logprob_s = time.perf_counter() - mark
-        # update
+        # step 5. update: PPO epochs over mini-batches
         mark = time.perf_counter()
         if args.offload_optimizer:
             move_optimizer_state(actor_opt, device)
@@ -743,6 +813,7 @@ def main(argv=None):
             sampler.load_state_dict(actor.state_dict())
         update_s = time.perf_counter() - mark
         step += 1
+        # then: the step's metrics, validation every --val-every steps, a resumable save
         row = step_metrics(step, episodes, batch, stats, args, device, world,
                            dict(rollout_s=rollout_s, logprob_s=logprob_s, update_s=update_s,
                                 step_s=time.perf_counter() - start))
@@ -769,70 +840,6 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
-
-def step_metrics(step, episodes, batch, stats, args, device, world, timings):
-    """One metrics line, reduced over ranks: rollout statistics over all episodes, PPO statistics
-    over the kept ones."""
-    turns = [t for ep in episodes for t in ep.turns]
-    hits = [worldmodel_hits(t) for t in turns]
-    action = batch["action"].bool()
-    returns, values = batch["returns"][action], batch["values"][action]
-    local = [len(episodes), sum(ep.score for ep in episodes), sum(ep.success for ep in episodes),
-             sum(len(ep.turns) for ep in episodes), sum(len(t["executed"]) for t in turns),
-             len(turns), sum(t["format_valid"] for t in turns), sum(h[0] for h in hits), sum(h[1] for h in hits),
-             sum(sum(ep.assistant_mask) for ep in episodes), sum(len(ep.tokens) for ep in episodes),
-             len(batch["lengths"]), returns.numel(), returns.sum().item(), (returns ** 2).sum().item(),
-             (returns - values).sum().item(), ((returns - values) ** 2).sum().item(),
-             batch["sampler_logprobs"][action].sub(batch["old_logprobs"][action]).abs().sum().item()]
-    keys = list(stats)
-    total = all_sum(local + [stats[k] for k in keys], device)
-    (n_eps, score, success, n_turns, executed, turn_count, valid, obs_hits, pred_hits, generated, tokens, kept,
-     n_values, ret_sum, ret_sq, err_sum, err_sq, sampler_gap) = total[:len(local)]
-    s = dict(zip(keys, total[len(local):]))
-
-    def var(total, square, count):
-        return square / max(count, 1) - (total / max(count, 1)) ** 2
-    ptoks, vtoks, opt_steps = max(s["policy_tokens"], 1), max(s["value_tokens"], 1), max(s["optimizer_steps"], 1)
-    ret_var = var(ret_sum, ret_sq, n_values)
-    row = {
-        "step": step,
-        "train/reward": score / n_eps, "train/success": success / n_eps, "train/turns": n_turns / n_eps,
-        "train/actions": executed / n_eps, "train/format_valid": valid / max(turn_count, 1),
-        "train/observation_exact": obs_hits / max(turn_count, 1),
-        "train/prediction_exact": pred_hits / max(turn_count, 1),
-        "train/response_tokens": generated / max(turn_count, 1), "train/kept_episodes": kept,
-        "actor/pg_loss": s["pg_loss"] / ptoks, "actor/entropy": s["entropy"] / ptoks,
-        "actor/clip_frac_low": s["clip_low"] / ptoks, "actor/clip_frac_high": s["clip_high"] / ptoks,
-        "actor/approx_kl": s["approx_kl"] / ptoks,
-        "actor/approx_kl_outside_loss": s["approx_kl_outside"] / max(s["outside_tokens"], 1),
-        "actor/kl_ref": s["kl_ref"] / vtoks,
-        "actor/grad_norm": s["actor_grad_norm"] / opt_steps,  # the same on every rank: summed, then / steps
-        "actor/sampler_logprob_gap": sampler_gap / max(n_values, 1),
-        "critic/value_loss": s["value_loss"] / vtoks, "critic/value_clip_frac": s["value_clip"] / vtoks,
-        "critic/explained_var": 1 - var(err_sum, err_sq, n_values) / ret_var if ret_var > 1e-12 else 0.0,
-        "critic/grad_norm": s["critic_grad_norm"] / opt_steps,
-        "perf/tokens_per_s": tokens / timings["step_s"], "perf/peak_mem_gb": peak_memory_gb(device),
-        **{f"perf/{k}": v for k, v in timings.items()},
-    }
-    return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
-
-
-def ranks_in_sync(actor, critic, world, device):
-    """Whether every rank holds the same weights (compared by per-tensor sums: cheap, and any
-    drift between ranks shows in them). Always true in one process."""
-    if world == 1:
-        return True
-    sums = torch.stack([p.detach().double().sum() for m in (actor, critic) for p in m.parameters()]).to(device)
-    gathered = [torch.zeros_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums)
-    return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux: the process's peak RSS
 
 
 if __name__ == "__main__":
