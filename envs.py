@@ -73,6 +73,13 @@ def _check_seed(seed):
     return int(seed)
 
 
+def _whole(name, value):
+    """An int setting (num_boxes, max_steps, ...) as an int: "2" or 6.7 is a bug, not a 2 or a 6."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def _check_reset(env):
     if env._state is None:
         raise RuntimeError(f"{type(env).__name__}: call reset(seed) first")
@@ -102,7 +109,7 @@ def _parse_grid(text, allowed, what):
     return rows
 
 
-# The four moves on a board W cells wide, as (name, row delta, col delta).
+# The four moves: name -> (row delta, col delta).
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
 
@@ -204,7 +211,8 @@ def sokoban_solve(walls, width, targets, boxes, player, max_depth=None, max_stat
 
 
 # Reverse plays tried per room; the puzzle is the one whose optimal solution is longest. One random
-# reverse play mostly gives 1-2 move puzzles; the longest of 8 spreads optimal lengths over 1..10
+# reverse play gives short puzzles (about half of them 1-2 moves); the longest of 8 spreads optimal
+# lengths over 1..10
 # (see benchmarks/bench_envs.py for the histogram), as gym-sokoban's "highest room score" does.
 SOKOBAN_REVERSE_PLAYS = 8
 
@@ -257,7 +265,8 @@ class Sokoban:
 
     Overrides: dim_room=(rows, cols) (default (6, 6)), num_boxes (1), max_steps (10, the action
     budget per episode), render_mode ("grid" or "coords"), room (a hand-written symbol grid,
-    enclosed by walls, used instead of generated puzzles).
+    enclosed by walls, used instead of generated puzzles). The puzzle a seed gives depends on
+    dim_room, num_boxes and max_steps too (the generator keeps puzzles that fit the budget).
     """
 
     ACTIONS = ("Up", "Down", "Left", "Right")
@@ -265,12 +274,14 @@ class Sokoban:
                "player": "P", "player_on_target": "S"}
 
     def __init__(self, dim_room=(6, 6), num_boxes=1, max_steps=10, render_mode="grid", room=None):
-        self.height, self.width = (int(x) for x in dim_room)
-        if self.height < 3 or self.width < 3:
-            raise ValueError(f"dim_room must be at least 3x3, got {dim_room}")
-        if num_boxes < 1 or max_steps < 1:
+        self.height, self.width = (_whole("dim_room", x) for x in dim_room)
+        self.num_boxes, self.max_steps = _whole("num_boxes", num_boxes), _whole("max_steps", max_steps)
+        if self.num_boxes < 1 or self.max_steps < 1:
             raise ValueError("num_boxes and max_steps must be >= 1")
-        self.num_boxes, self.max_steps = int(num_boxes), int(max_steps)
+        # the generator needs 2 * num_boxes + 4 floor cells inside the walls
+        if (self.height - 2) * (self.width - 2) < 2 * self.num_boxes + 4:
+            raise ValueError(f"dim_room {tuple(dim_room)} is too small for {self.num_boxes} box(es): the room "
+                             f"inside the walls needs at least {2 * self.num_boxes + 4} cells")
         self.render_mode = _check_render_mode(render_mode)
         self._fixed = None if room is None else self._parse_room(room)
         self._deltas = {"up": -self.width, "down": self.width, "left": -1, "right": 1}
@@ -290,6 +301,8 @@ class Sokoban:
         targets = frozenset(i for i, ch in enumerate(cells) if ch in "O√S")
         if len(players) != 1 or not boxes or len(boxes) != len(targets):
             raise ValueError("Sokoban room: needs one player and as many targets as boxes (>= 1)")
+        if boxes == targets:
+            raise ValueError("Sokoban room: every box is already on a target (a solved puzzle)")
         self.num_boxes = len(boxes)
         walls = tuple(ch == "#" for ch in cells)
         return walls, targets, boxes, players[0], None
@@ -366,7 +379,8 @@ class Sokoban:
                 f"{box} {where(self._boxes)}; {target} {where(self._targets)}.")
 
     def solve(self, max_depth=None):
-        """Optimal (shortest) action list from the current state; None if the boxes are stuck."""
+        """Optimal (shortest) action list from the current state; None if the boxes are stuck,
+        or if no solution is found within max_depth moves (or the solver's state limit)."""
         _check_reset(self)
         return sokoban_solve(self._walls, self.width, self._targets, self._boxes, self._player,
                              max_depth=max_depth)
@@ -441,7 +455,9 @@ class FrozenLake:
 
     Overrides: size (4), hole_prob (0.2), slippery (True), max_steps (10, the action budget),
     render_mode ("grid" or "coords"), desc (a hand-written map using P for the start, G, O, _).
-    With the same seed, the map and the slips for a given action sequence are the same.
+    With the same seed, the map and the slips for a given action sequence are the same (as with
+    Gymnasium's FrozenLake reset with a seed): the samples of one puzzle in a PPO group, or in
+    Pass@k, share their slips and differ only where their actions do.
     """
 
     ACTIONS = FROZENLAKE_ACTIONS
@@ -452,10 +468,10 @@ class FrozenLake:
                  desc=None):
         if not 0.0 <= hole_prob < 1.0:
             raise ValueError(f"hole_prob must be in [0, 1), got {hole_prob}")
-        if size < 2 or max_steps < 1:
+        self.size, self.max_steps = _whole("size", size), _whole("max_steps", max_steps)
+        if self.size < 2 or self.max_steps < 1:
             raise ValueError("size must be >= 2 and max_steps >= 1")
-        self.size, self.hole_prob = int(size), float(hole_prob)
-        self.slippery, self.max_steps = bool(slippery), int(max_steps)
+        self.hole_prob, self.slippery = float(hole_prob), bool(slippery)
         self.render_mode = _check_render_mode(render_mode)
         self._fixed = None if desc is None else self._parse_desc(desc)
         self._state = None
@@ -806,11 +822,11 @@ class Sudoku:
     """
 
     def __init__(self, num_blanks=6, max_steps=50, render_mode="grid", puzzle=None):
-        if not 1 <= num_blanks <= 12:
+        self.num_blanks, self.max_steps = _whole("num_blanks", num_blanks), _whole("max_steps", max_steps)
+        if not 1 <= self.num_blanks <= 12:
             raise ValueError(f"num_blanks must be in 1..12, got {num_blanks}")
-        if max_steps < 1:
+        if self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
-        self.num_blanks, self.max_steps = int(num_blanks), int(max_steps)
         self.render_mode = _check_render_mode(render_mode)
         self._fixed = None if puzzle is None else self._parse_puzzle(puzzle)
         self._state = None

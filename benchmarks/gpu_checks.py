@@ -64,31 +64,69 @@ def last_json(text):
         return lines[-1]
 
 
+def process_tree(pid):
+    """pid and every process descended from it (Linux /proc). torchrun starts its workers in
+    sessions of their own, so the check's process group alone does not reach them."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = open(f"/proc/{entry}/stat").read()
+                parent = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+                children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def stop_tree(pid, grace_s=10):
+    """SIGTERM to the check and everything it started (torchrun then stops its workers), then
+    SIGKILL to whatever is left after grace_s."""
+    tree = process_tree(pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 0)
+        while time.monotonic() < deadline and any(_running(p) for p in tree):
+            time.sleep(0.2)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
 def run_check(name, command, timeout_s, log):
     """Run one check from the repository root with a time limit; its output goes to log.
     Returns its record: name, command, rc (None when it timed out), seconds, timed_out, result."""
     log.write(f"\n===== {name}: {' '.join(command)} (limit {timeout_s:.0f}s)\n")
     log.flush()
     start = time.perf_counter()
-    # its own process group, so a limit reached stops the whole check (torchrun's workers too)
+    # its own session, so that stopping it never reaches this script (stop_tree stops it and all it started)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
                             # a lent GPU machine reaches no network: no hub look-ups that wait to time out
                             env={"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"})
-    def stop_group():  # the whole group may have ended on its own in the meantime
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-        stop_group()
-        stdout, stderr = proc.communicate()
+        stop_tree(proc.pid)
+        try:  # what it wrote before it was stopped
+            stdout, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # something outside the tree still holds its output open
+            proc.kill()
+            stdout, stderr = "", "(its output could not be read after it was stopped)\n"
     finally:
         if proc.poll() is None:  # interrupted: leave nothing running on the GPU
-            stop_group()
+            stop_tree(proc.pid, grace_s=2)
     rc = None if timed_out else proc.returncode
     seconds = round(time.perf_counter() - start, 1)
     log.write(stderr + stdout + f"\n===== {name}: rc {rc}, {seconds}s{', timed out' if timed_out else ''}\n")

@@ -66,7 +66,9 @@ def test_gpu_checks_runner_records_results_timeouts_and_skips(tmp_path, monkeypa
     monkeypatch.setattr(gpu_checks, "CHECKS", {
         "ok": ([py, "-c", "print('progress'); print('{\"x\": 1}')"], 60),
         "fails": ([py, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 60),
-        "slow": ([py, "-c", "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+        # its child in a session of its own, holding the check's output open: as torchrun's workers
+        "slow": ([py, "-c", "import subprocess, sys, time; "
+                  "child = subprocess.Popen(['sleep', '60'], start_new_session=True); "
                   "open(sys.argv[1], 'w').write(str(child.pid)); print('started', flush=True); time.sleep(60)",
                   str(tmp_path / "child.pid")], 6),
         "late": ([py, "-c", "print('{}')"], 60),

@@ -156,6 +156,21 @@ def test_sokoban_bad_rooms():
         envs.make("sokoban", room="#####\n#PXO#\n#_?_#\n#####")
     with pytest.raises(ValueError, match="same length"):
         envs.make("sokoban", room="#####\n#PXO#\n####")
+    with pytest.raises(ValueError, match="already on a target"):  # its first action would pay +10
+        envs.make("sokoban", room="#####\n#P√_#\n#####")
+
+
+@pytest.mark.parametrize("name, overrides, error, message", [
+    ("sokoban", {"num_boxes": "2"}, TypeError, "num_boxes must be a whole number"),
+    ("sokoban", {"max_steps": 9.5}, TypeError, "max_steps must be a whole number"),
+    ("sokoban", {"dim_room": (4, 4)}, ValueError, "too small for 1 box"),  # could never be generated
+    ("frozenlake", {"size": 4.9}, TypeError, "size must be a whole number"),
+    ("sudoku", {"num_blanks": 6.7}, TypeError, "num_blanks must be a whole number"),
+    ("sudoku", {"num_blanks": 13}, ValueError, "num_blanks must be in 1..12"),
+])
+def test_bad_overrides_are_refused_not_rounded(name, overrides, error, message):
+    with pytest.raises(error, match=message):
+        envs.make(name, **overrides)
 
 
 def test_sokoban_moves_walls_and_step_penalty():
