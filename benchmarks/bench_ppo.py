@@ -53,17 +53,26 @@ def main():
             argv += ["--max-response-tokens", str(args.max_response_tokens)]
         if args.grad_checkpointing:
             argv += ["--grad-checkpointing"]
-        with contextlib.redirect_stdout(sys.stderr):  # rl.py's config and summary: progress, not the result
-            rl.main(argv)
+        device = agent.default_device()
+        results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   "model": args.arch or "tiny", "env": args.env, "episodes": args.env_groups * args.group_size,
+                   "grad_checkpointing": args.grad_checkpointing}
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # rl.py's config and summary: progress, not the result
+                rl.main(argv)
+        except torch.cuda.OutOfMemoryError as e:  # still a result: how far it got, and the plan it had
+            config_path = os.path.join(tmp, "run", "run_config.json")  # written once the models are loaded
+            plan = json.load(open(config_path)).get("memory_plan_gb") if os.path.isfile(config_path) else None
+            print(json.dumps({**results, "oom": True, "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                              "total_mem_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 2),
+                              "memory_plan_gb": plan, "error": str(e).splitlines()[0]}))
+            raise SystemExit(1) from None
         rows = [json.loads(line) for line in open(os.path.join(tmp, "run", "metrics.jsonl"))]
     last = [r for r in rows if "perf/step_s" in r][-1]
-    device = agent.default_device()
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "model": args.arch or "tiny", "env": args.env, "episodes": args.env_groups * args.group_size,
-               "kept_episodes": last["train/kept_episodes"],
-               **{k: round(last[f"perf/{k}"], 3) for k in ("rollout_s", "logprob_s", "update_s", "step_s",
-                                                            "peak_mem_gb", "tokens_per_s")},
-               "response_tokens_per_turn": last["train/response_tokens"], "turns_mean": last["train/turns"]}
+    results.update({"kept_episodes": last["train/kept_episodes"],
+                    **{k: round(last[f"perf/{k}"], 3) for k in ("rollout_s", "logprob_s", "update_s", "step_s",
+                                                                 "peak_mem_gb", "tokens_per_s")},
+                    "response_tokens_per_turn": last["train/response_tokens"], "turns_mean": last["train/turns"]})
     print(json.dumps(results))
 
 

@@ -10,7 +10,8 @@ JSON figures:
   padding_share  -- share of computed positions that are padding (target < 0.15, from bucketing)
 On CUDA it also trains a randomly initialised Qwen2.5-1.5B-shaped model (bf16 autocast, fp32
 master weights) on the same token ids and reports qwen1.5b_tokens_per_s and mfu: model FLOPs
-(6 x non-embedding parameters per token, plus the output layer on the response tokens) per second
+(6 x non-embedding parameters per real token -- padding excluded -- plus the output layer on the
+response tokens) per second
 against the GPU's dense bf16 peak (target >= 0.40 on an H100).
 Progress goes to stderr; the last stdout line is one JSON object.
 """
@@ -96,12 +97,13 @@ def main():
         config = big.config
         embedding = config.vocab_size * config.hidden_size
         non_embedding = sum(p.numel() for p in big.parameters()) - embedding  # tied: one embedding matrix
-        flops = 6 * non_embedding * tokens_per_s + 6 * embedding * response_per_s
-        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+        # useful FLOPs only: the padding (padding_share of the computed positions) does not count
+        flops = 6 * non_embedding * tokens_per_s * (1 - padding) + 6 * embedding * response_per_s
+        peak = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, first match
         peak_flops = next((v for k, v in peak.items() if k in results["device"]), 989e12)
         results.update({"qwen1.5b_tokens_per_s": round(tokens_per_s, 1), "qwen1.5b_padding_share": round(padding, 4),
                         "mfu": round(flops / peak_flops, 3), "peak_tflops_assumed": peak_flops / 1e12,
-                        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+                        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)})
     print(json.dumps(results))
 
 
