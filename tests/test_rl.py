@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import agent
+import envs
 import rl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +103,22 @@ def test_kl_estimator_is_zero_at_equality_and_positive_otherwise():
     logp = torch.tensor([-1.0, -2.0, -0.5])
     assert torch.allclose(rl.kl_terms(logp, logp), torch.zeros(3))
     assert (rl.kl_terms(logp, logp + torch.tensor([0.3, -0.7, 1.0])) > 0).all()
+    # k3 of KL(policy || reference), with r = p_ref / p_policy: r - log r - 1 (not the other direction)
+    policy, reference = torch.log(torch.tensor([0.5, 0.2])), torch.log(torch.tensor([0.25, 0.6]))
+    r = torch.tensor([0.5, 3.0])
+    assert torch.allclose(rl.kl_terms(policy, reference), r - torch.log(r) - 1)
+
+
+def test_whiten_over_the_mask_of_every_token_it_covers():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, -7.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
+    out = rl.whiten(x, mask, torch.device("cpu"))
+    inside = out[mask.bool()]
+    assert torch.allclose(inside.mean(), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(inside.pow(2).mean(), torch.tensor(1.0), atol=1e-5)  # population std 1
+    assert (out[~mask.bool()] == 0).all()
+    values = x[mask.bool()]
+    assert torch.allclose(inside, (values - values.mean()) / values.std(unbiased=False), atol=1e-5)
 
 
 def test_token_logprobs_and_entropy_match_a_full_forward(tiny):
@@ -185,6 +202,20 @@ def test_worldmodel_reward_pays_exact_states_only(tiny):
     assert rl.episode_rewards(ep, 0.1) == pytest.approx([r + 0.1 for r in ep.turn_rewards])
     assert rl.episode_rewards(ep, 0.0) == pytest.approx(ep.turn_rewards)
 
+    def respond_truly(ep):  # both states true: the prediction is the grid after this turn's move
+        after = envs.make("frozenlake", slippery=False)
+        after.reset(10)
+        for turn in ep.turns:
+            for action in turn["executed"]:
+                after.step(action)
+        after.step("Right")
+        return agent.replace_states("<observation></observation>go<prediction></prediction></think>"
+                                    "<answer>Right</answer>", ep.env.render("coords"), after.render("grid"))
+    (ep,) = agent.rollout(agent.text_policy(tokenizer, respond_truly), tokenizer, "frozenlake", [10], 1,
+                          mode="worldmodel", instruction="short", max_turns=2, env_overrides={"slippery": False})
+    assert [rl.worldmodel_hits(t) for t in ep.turns] == [(True, True)] * len(ep.turns)
+    assert rl.episode_rewards(ep, 0.1) == pytest.approx([r + 0.2 for r in ep.turn_rewards])
+
 
 def test_state_span_mask_covers_exactly_the_state_contents(tiny):
     _, tokenizer = tiny
@@ -222,6 +253,22 @@ def test_state_span_mask_covers_the_thought_trace_before_the_prediction(tiny):
     tokens = tokenizer.encode(response, add_special_tokens=False)
     masked = tokenizer.decode([t for t, m in zip(tokens, rl.state_span_mask(tokenizer, tokens)) if m])
     assert masked.replace("\n", "").replace(" ", "") == "#PUpto(1,1),boxto(0,1).#P"
+
+def test_advantages_are_whitened_over_the_tokens_of_the_policy_loss(tiny, tiny_dir):
+    model, tokenizer = tiny
+    policy = agent.random_policy(tokenizer, random.Random(0), "worldmodel")
+    episodes = agent.rollout(policy, tokenizer, "sokoban", [10, 11], 2, mode="worldmodel", instruction="short")
+    args = small_args(state_loss=False, micro_batch_tokens=4000)
+    batch, _ = rl.build_batch(episodes, tokenizer, args)
+    for i in range(len(batch["lengths"])):  # varied rewards, so the advantages vary
+        batch["rewards"][i, batch["lengths"][i] - 1] += i
+    rl.score_batch(model, rl.build_critic(tiny_dir, "cpu"), None, batch, args, torch.device("cpu"), rl.nullcontext())
+    policy_mask, outside = batch["policy"].bool(), (batch["action"] - batch["policy"]).bool()
+    assert outside.any()  # the states: response tokens outside the policy loss
+    used = batch["advantages"][policy_mask]
+    assert abs(used.mean().item()) < 1e-5 and abs(used.pow(2).mean().item() - 1) < 1e-4
+    assert (batch["advantages"][outside] == 0).all()
+
 
 def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
     _, tokenizer = tiny
@@ -306,6 +353,51 @@ def test_one_update_raises_the_probability_of_the_higher_advantage_response(tiny
     action = batch["action"].bool()
     assert ((values[action] - batch["returns"][action]) ** 2).mean() < \
            ((batch["values"][action] - batch["returns"][action]) ** 2).mean()
+
+
+def scored_random_batch(model, tokenizer, tiny_dir, args):
+    """A scored batch of random-policy Sokoban conversations of different lengths, varied rewards."""
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(3), "worldmodel"), tokenizer, "sokoban",
+                             [20, 21], 3, mode="worldmodel", instruction="short", max_turns=2)
+    batch, _ = rl.build_batch(episodes, tokenizer, args)
+    for i in range(len(batch["lengths"])):
+        batch["rewards"][i, batch["lengths"][i] - 1] += (-1) ** i * (1 + i / 3)
+    rl.score_batch(model, rl.build_critic(tiny_dir, "cpu"), None, batch, args, torch.device("cpu"), rl.nullcontext())
+    return batch
+
+
+def one_update(tiny_dir, batch, args, lr):
+    """Actor and critic weights after one update (plain SGD, so the step is the gradient) of fresh copies."""
+    model, _ = agent.load_model(tiny_dir, device="cpu")
+    critic = rl.build_critic(tiny_dir, "cpu")
+    actor_opt, critic_opt = torch.optim.SGD(model.parameters(), lr=lr), torch.optim.SGD(critic.parameters(), lr=lr)
+    rl.update(model, critic, actor_opt, critic_opt, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
+    return model, critic
+
+
+def test_the_update_is_the_same_in_any_micro_batches_and_the_entropy_bonus_raises_entropy(tiny, tiny_dir):
+    model, tokenizer = tiny
+    args = small_args(state_loss=False, kl_coef=0.0, mini_batch=6, ppo_epochs=1, grad_clip=1e9,
+                      micro_batch_tokens=10**6)
+    batch = scored_random_batch(model, tokenizer, tiny_dir, args)
+    assert len(set(batch["lengths"])) > 1  # micro-batches of 1 token each hold one sequence: 6 pieces
+    whole = one_update(tiny_dir, batch, args, lr=1.0)
+    pieces = one_update(tiny_dir, batch, small_args(**{**vars(args), "micro_batch_tokens": 1}), lr=1.0)
+    start, _ = agent.load_model(tiny_dir, device="cpu")
+    moved = max((a - s).abs().max().item() for a, s in zip(whole[0].parameters(), start.parameters()))
+    assert moved > 1e-3  # the step did something
+    for a, b in zip([*whole[0].parameters(), *whole[1].parameters()],
+                    [*pieces[0].parameters(), *pieces[1].parameters()]):
+        assert torch.allclose(a, b, atol=1e-5)  # a token mean over the mini-batch, however it is split
+    # the entropy bonus alone (no advantages, no KL): the policy's entropy rises
+    batch["advantages"].zero_()
+
+    def entropy(m):
+        with torch.no_grad():
+            _, h = rl.token_logprobs(m, batch["ids"], batch["attention"], batch["action"], with_entropy=True)
+        return h[batch["policy"].bool()].mean().item()
+    bonus = one_update(tiny_dir, batch, small_args(**{**vars(args), "entropy_coef": 1.0}), lr=0.05)[0]
+    assert entropy(bonus) > entropy(start) + 1e-4
 
 
 def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir):

@@ -112,6 +112,48 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_top_token(tiny_dir):
     assert greedy == top1 == nucleus
 
 
+@pytest.mark.parametrize("kwargs", [{"top_k": 5}, {"top_p": 0.5}])
+def test_top_k_and_top_p_draw_only_from_their_set_and_not_only_its_top(tiny_dir, kwargs):
+    model, tokenizer = varied_model(tiny_dir)
+    (prompt,) = random_prompts(1, len(tokenizer), [12])
+    tokens, _ = agent.sample(model, [prompt] * 64, 3, [], tokenizer.pad_token_id, temperature=1.0,
+                             generator=torch.Generator().manual_seed(0), **kwargs)
+    distinct_first = set()
+    for new in tokens:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1].float()  # (3, V)
+        probs = logits.softmax(-1)
+        for position, token in enumerate(new):
+            order = probs[position].argsort(descending=True)
+            rank = (order == token).nonzero().item()
+            if "top_k" in kwargs:
+                assert rank < kwargs["top_k"]
+            else:  # the smallest set of top tokens whose probability reaches top_p
+                before = probs[position][order[:rank]].sum().item()
+                assert before < kwargs["top_p"]
+        distinct_first.add(new[0])
+    assert len(distinct_first) > 1  # it samples within the set, not just its top token
+
+
+def test_finished_rows_leave_the_batch(tiny_dir):
+    model, tokenizer = varied_model(tiny_dir)
+    prompts = random_prompts(8, len(tokenizer), [5, 9, 14])
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        tokens, _ = agent.sample(model, prompts, [1, 1, 1, 1, 1, 12, 12, 12], [], tokenizer.pad_token_id,
+                                 temperature=0)
+    finally:
+        hook.remove()
+    assert [len(t) for t in tokens] == [1] * 5 + [12] * 3
+    decode = batch_sizes[-11:]  # the decode steps after the first token (prefill comes before)
+    assert decode == [3] * 11  # the 5 rows that finished after one token cost nothing more
+    # and dropping rows changed nothing: the same tokens as generating all 8 to the end
+    full, _ = agent.sample(model, prompts, 12, [], tokenizer.pad_token_id, temperature=0)
+    assert all(f[:len(t)] == t for f, t in zip(full, tokens))
+
+
 def test_sampler_rejects_bad_arguments(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="at least one token"):

@@ -305,6 +305,50 @@ def test_presets_resolve_per_env_values_and_flags_win():
         is False
 
 
+def test_world_model_evaluation_scores_each_turn_exactly(tiny, monkeypatch):
+    """evaluate_world_model's figures are issue 4's targets: exact values on hand-written responses."""
+    model, tokenizer = tiny
+    room = "######\n#P_XO#\n#____#\n######"
+    (ep,) = play(tokenizer, "sokoban", [wm("Down")], {"room": room}, max_turns=1)
+    (example,) = sft.examples_from_episodes([ep])
+    start, after_down = example["observation"], example["prediction"]
+    assert after_down == "######\n#__XO#\n#P___#\n######"
+    responses = [wm("Down", observation=start, prediction=after_down),  # both right
+                 wm("Up", observation="wrong", prediction=after_down),  # both wrong: Up hits the wall
+                 wm("Jump", observation=start, prediction=room),  # both right: the env rejects Jump
+                 wm("Down", answer=" ", observation=start, prediction=after_down)]  # no action: invalid
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def scripted_sample(model, prompts, *args, **kwargs):
+        return [agent._encode(tokenizer, r) + [im_end] for r in responses[:len(prompts)]], None
+    monkeypatch.setattr(agent, "sample", scripted_sample)
+    summary, records = sft.evaluate_world_model(model, tokenizer, [example] * 4, 64)
+    assert [(r["format_valid"], r["observation_exact"], r["prediction_exact"], r["prediction_bayes"])
+            for r in records] == [(1, 1, 1, 1), (1, 0, 0, 1), (1, 1, 1, 1), (0, 1, 0, 1)]
+    assert summary == {"observation_exact": 0.75, "prediction_exact": 0.5, "prediction_bayes": 1.0,
+                       "format_valid": 0.75, "heldout_turns": 4}
+
+
+def test_the_sft_step_is_the_same_in_any_micro_batches(tiny_dir):
+    model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(5), "worldmodel"), tokenizer, "sokoban",
+                             [1, 2, 3], 2, instruction="short", max_turns=2)
+    examples = sft.examples_from_episodes(episodes)[:6]
+    encoded = [sft.encode_example(tokenizer, ex, "all") for ex in examples]
+    lengths = [len(e[0]) for e in encoded]
+    assert len(set(lengths)) > 1
+    results = []
+    for max_tokens in (10**6, 1):  # the whole batch at once; one sequence per micro-batch
+        model, _ = agent.load_model(tiny_dir, device="cpu")
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the gradient
+        loss, _, grad_norm = sft.train_step(model, optimizer, encoded, list(range(6)), lengths, tokenizer.pad_token_id,
+                                            "cpu", torch.autocast("cpu", enabled=False), max_tokens, 1e9)
+        results.append((loss, grad_norm, [p.detach().clone() for p in model.parameters()]))
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(params_a, params_b))
+
+
 def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(tiny_dir):
     model, tokenizer = agent.load_model(tiny_dir, device="cpu")
     episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(2), "worldmodel"), tokenizer, "frozenlake",
