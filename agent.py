@@ -618,7 +618,9 @@ def _cache_kwarg(model):
 
 
 def stop_token_ids(tokenizer):
-    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    """The tokens that end a response: <|im_end|>, the tokenizer's EOS, and <|endoftext|> (Qwen2.5's
+    generation config stops on it too, though its tokenizer's EOS is <|im_end|>)."""
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 
