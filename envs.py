@@ -278,8 +278,8 @@ class Sokoban:
         self.num_boxes, self.max_steps = _whole("num_boxes", num_boxes), _whole("max_steps", max_steps)
         if self.num_boxes < 1 or self.max_steps < 1:
             raise ValueError("num_boxes and max_steps must be >= 1")
-        # the generator needs 2 * num_boxes + 4 floor cells inside the walls
-        if (self.height - 2) * (self.width - 2) < 2 * self.num_boxes + 4:
+        # the generator needs 2 * num_boxes + 4 floor cells inside the walls (a hand-written room has its own size)
+        if room is None and (self.height - 2) * (self.width - 2) < 2 * self.num_boxes + 4:
             raise ValueError(f"dim_room {tuple(dim_room)} is too small for {self.num_boxes} box(es): the room "
                              f"inside the walls needs at least {2 * self.num_boxes + 4} cells")
         self.render_mode = _check_render_mode(render_mode)

@@ -453,6 +453,10 @@ def main(argv=None):
                     tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token "
                                f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "
                                f"understates it", file=sys.stderr)
+                if cut := sum(ep.end_reason == "context" for ep in episodes):
+                    tqdm.write(f"warning: {name} on {env_name}: {cut} of {len(episodes)} episodes ended early "
+                               f"because a full {settings['max_response_tokens']}-token response no longer fit "
+                               f"in --max-context-tokens {args.max_context_tokens}", file=sys.stderr)
                 rows.append(row)
                 for ep in episodes:
                     successes.setdefault((name, env_name), {}).setdefault(ep.seed, []).append(ep.success)

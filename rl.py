@@ -90,7 +90,8 @@ def parse_args(argv=None):
     p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
     p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA; tiny preset: a fresh tiny model)")
     p("--out", required=True, help="run folder (created; an existing run there is resumed)")
-    p("--seed", type=int, default=0, help="seed of the sampler and the mini-batch order (the value head starts at 0)")
+    p("--seed", type=int, default=0,
+      help="seed of rollouts, validation and the mini-batch order (the value head starts at 0)")
     p("--env-overrides", type=json.loads, default={},
       help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' or \'{"max_steps": 1}\'')
     # rollout
@@ -107,7 +108,8 @@ def parse_args(argv=None):
       help="sampling temperature (> 0); the PPO ratio, entropy and KL use the same tempered distribution")
     p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")
     p("--max-response-tokens", type=int, help="tokens per turn")
-    p("--max-context-tokens", type=int, help="tokens per conversation")
+    p("--max-context-tokens", type=int,
+      help="tokens per conversation (a turn is played only if a full --max-response-tokens response fits)")
     p("--train-seed-start", type=int, default=10_000, help="puzzle seed of step 0's first group (SPEC §3)")
     p("--train-puzzles", type=int, default=0,
       help="train on this many puzzles only (seeds from --train-seed-start), played again in turn; 0: new "
@@ -138,7 +140,7 @@ def parse_args(argv=None):
     p("--entropy-coef", type=float, default=0.001, help="entropy bonus")
     p("--kl-coef", type=float, default=0.0, help="KL penalty to the starting policy (0: no reference model)")
     p("--grad-clip", type=float, default=1.0, help="gradient norm clip")
-    p("--no-whiten", action="store_true", help="do not normalise advantages over the batch")
+    p("--no-whiten", action="store_true", help="do not normalise advantages (over the batch's policy-loss tokens)")
     # memory
     p("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
     p("--offload-optimizer", action="store_true", help="keep optimiser state in CPU memory between updates")
@@ -162,7 +164,7 @@ def parse_args(argv=None):
     if not 0 < args.keep_groups <= 1:
         problems.append("--keep-groups must be in (0, 1]")
     if min(args.env_groups, args.group_size, args.steps, args.mini_batch, args.ppo_epochs, args.max_turns,
-           args.val_puzzles, args.val_samples, args.max_response_tokens) < 1:
+           args.val_puzzles, args.val_samples, args.max_response_tokens, args.max_context_tokens) < 1:
         problems.append("counts (--env-groups, --group-size, --steps, --mini-batch, ...) must be >= 1")
     if args.save_every < 1 or args.val_every < 0:
         problems.append("--save-every must be >= 1 and --val-every >= 0 (0: only at start and end)")
@@ -758,10 +760,13 @@ def main(argv=None):
         step = state["step"]
         if is_main:
             print(f"resuming at step {step}", flush=True)
-    # a fresh start (step 0) forgets an earlier partial run's lines; only rank 0 writes
-    kept_rows = (agent.drop_metrics_after if is_main else agent.metrics_until)(metrics_path, step if step else -1)
-    # a run resumed at the step it validated last (a finished run run again) keeps that validation
+    # a fresh start (step 0) forgets an earlier partial run's lines; only rank 0 writes (and reads)
+    kept_rows = agent.drop_metrics_after(metrics_path, step if step else -1) if is_main else []
+    # a run resumed at the step it validated last (a finished run run again) keeps that validation;
+    # rank 0's metrics decide for every rank (validation is collective: all run it or none)
     validated = [r for r in kept_rows if step and r.get("step") == step and "val/format_valid" in r]
+    if all_max([1.0 if validated else 0.0], device)[0]:
+        validated = validated or [{"step": step}]  # the other ranks' stand-in: only rank 0 reports it
     if sampler is not actor:
         sampler.load_state_dict(actor.state_dict())
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())

@@ -257,9 +257,16 @@ def read_dataset(path):
             if not isinstance(example.get("trace", ""), str):
                 raise SystemExit(f"error: {path}:{number}: the thought trace is not a string")
             wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(example[k], kind)]
-            if wrong or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                and isinstance(m.get("content"), str) for m in example["messages"]):
-                raise SystemExit(f"error: {path}:{number}: {', '.join(wrong) or 'messages'} of the wrong type; "
+            if "messages" not in wrong and not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                   and isinstance(m.get("content"), str) for m in example["messages"]):
+                wrong.append("messages")
+            if "history" not in wrong and not all(isinstance(h, list) and all(isinstance(a, str) for a in h)
+                                                  for h in example["history"]):
+                wrong.append("history")
+            if not isinstance(example.get("env_overrides", {}), dict):
+                wrong.append("env_overrides")
+            if wrong:
+                raise SystemExit(f"error: {path}:{number}: {', '.join(wrong)} of the wrong type; "
                                  f"not a dataset written by this script")
             if example["env"] not in envs.ENVS or example["split"] not in ("train", "heldout"):
                 raise SystemExit(f"error: {path}:{number}: unknown env {example['env']!r} "

@@ -158,6 +158,9 @@ def test_sokoban_bad_rooms():
         envs.make("sokoban", room="#####\n#PXO#\n####")
     with pytest.raises(ValueError, match="already on a target"):  # its first action would pay +10
         envs.make("sokoban", room="#####\n#P√_#\n#####")
+    env = envs.make("sokoban", room="#####\n#PXO#\n#####", dim_room=(3, 5))  # a room has its own size
+    env.reset(0)
+    assert env.step("Right")[2] is True
 
 
 @pytest.mark.parametrize("name, overrides, error, message", [

@@ -9,11 +9,12 @@ Gymnasium's model. Gymnasium is a test-only dependency (requirements.txt); our m
 and goal) are handed to it as a `desc`, since its own map generator draws other maps."""
 import random
 
-import gymnasium
 import numpy as np
 import pytest
 
 import envs
+
+gymnasium = pytest.importorskip("gymnasium", reason="test-only dependency (requirements.txt)")
 
 SEEDS = range(40)
 

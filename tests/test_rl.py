@@ -400,6 +400,18 @@ def test_the_update_is_the_same_in_any_micro_batches_and_the_entropy_bonus_raise
     assert entropy(bonus) > entropy(start) + 1e-4
 
 
+def test_the_update_scores_tokens_at_the_sampling_temperature(tiny, tiny_dir):
+    # before any step the policy is the one that acted: ratio 1 everywhere, at any temperature
+    model, tokenizer = tiny
+    args = small_args(state_loss=False, kl_coef=0.0, mini_batch=6, ppo_epochs=1, temperature=0.7)
+    batch = scored_random_batch(model, tokenizer, tiny_dir, args)
+    critic = rl.build_critic(tiny_dir, "cpu")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (model, critic)]
+    stats = rl.update(model, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
+    assert abs(stats["approx_kl"]) < 1e-6 * stats["policy_tokens"]
+    assert stats["clip_low"] == stats["clip_high"] == 0
+
+
 def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir):
     """With --no-state-loss the policy gradient skips the <observation>/<prediction> contents; the KL
     penalty to the reference must still cover them, or nothing holds the SFT's world model in place
@@ -506,6 +518,13 @@ def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
     train = [r for r in rows if "train/reward" in r]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["train/kept_episodes"] == 8 for r in train)  # 2 of 4 groups x 4 samples, over both ranks
+    # the finished run started again: every rank resumes at step 2 and, as rank 0 has its last
+    # validation, none validates again (validation is collective: ranks that disagreed would hang)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["ranks_in_sync"] is True
+    assert [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")] == rows
 
 
 def run_cli(*args):

@@ -338,8 +338,10 @@ def test_a_response_that_stops_on_another_end_token_is_still_closed_by_the_templ
     # a base (non-instruct) Qwen tokenizer's EOS is <|endoftext|>: a response may stop on it, and
     # the template's <|im_end|> must still close the message before the next user turn
     tokenizer = agent.load_tokenizer(tiny_dir)
-    tokenizer.eos_token = "<|endoftext|>"
     end_of_text, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    assert tokenizer.eos_token == "<|im_end|>"  # as Qwen2.5-Instruct's; its generation config also stops on
+    assert set(agent.stop_token_ids(tokenizer)) == {end_of_text, im_end}  # <|endoftext|>, and so do we
+    tokenizer.eos_token = "<|endoftext|>"
     assert set(agent.stop_token_ids(tokenizer)) == {end_of_text, im_end}
 
     def policy(prompts, episodes, budgets):

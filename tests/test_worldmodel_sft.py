@@ -428,6 +428,11 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
                                    "seed": 0, "sample": 0, "turn": 1, "history": []}) + "\n")
     with pytest.raises(SystemExit, match="messages of the wrong type"):
         sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
+    corrupt.write_text(json.dumps({**{key: "x" for key in sft.REQUIRED_KEYS}, "env": "frozenlake", "split": "train",
+                                   "seed": 0, "sample": 0, "turn": 1, "history": [["Up"], "Down"], "messages": [],
+                                   "env_overrides": []}) + "\n")
+    with pytest.raises(SystemExit, match="history, env_overrides of the wrong type"):
+        sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
     sokoban = {**{key: "x" for key in sft.REQUIRED_KEYS}, "env": "sokoban", "split": "train", "seed": 0,
                "sample": 0, "turn": 1, "history": [], "messages": [{"role": "user", "content": "x"}]}
     corrupt.write_text(json.dumps(sokoban) + "\n")
