@@ -1064,20 +1064,14 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def metrics_until(path, step):
-    """The metric lines (JSON lines with a "step") of steps up to `step`; [] without a file."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [r for r in (json.loads(line) for line in f if line.strip()) if r.get("step", 0) <= step]
-
-
 def drop_metrics_after(path, step):
     """On resume (or a fresh start, step -1): forget the metric lines of steps after the saved
     state, since they will be run and logged again. Returns the lines kept."""
-    rows = metrics_until(path, step)
-    if os.path.isfile(path):
-        write_jsonl(path, rows)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [r for r in (json.loads(line) for line in f if line.strip()) if r.get("step", 0) <= step]
+    write_jsonl(path, rows)
     return rows
 
 

@@ -32,8 +32,9 @@ Definitions:
   the exact model -- 0 or 1 on Sokoban and Sudoku; on slippery FrozenLake no predictor is always
   right, so prediction_bayes gives the best possible predictor's score on the same turns.
   prediction_exact is 0 on a turn whose format is invalid (its actions did not run); the
-  observation is scored wherever the turn wrote one. Scored over every turn in world-model mode, and over the
-  turns that carry both spans in base mode (wm_turns says how many); null when there are none.
+  observation is scored wherever the turn wrote one. Scored over every turn in world-model mode,
+  and over the turns that carry both spans in base mode (wm_turns says how many); null when
+  there are none.
   These follow worldmodel_sft.evaluate_world_model. The reference policies write the true current
   state as their observation; random predicts "nothing changes", the oracle the most likely state.
 - exact_success: the exact success probability, averaged over the puzzles, where the env can

@@ -764,7 +764,7 @@ def main(argv=None):
     kept_rows = agent.drop_metrics_after(metrics_path, step if step else -1) if is_main else []
     # a run resumed at the step it validated last (a finished run run again) keeps that validation;
     # rank 0's metrics decide for every rank (validation is collective: all run it or none)
-    validated = [r for r in kept_rows if step and r.get("step") == step and "val/format_valid" in r]
+    validated = [r for r in kept_rows if r.get("step") == step and "val/format_valid" in r]
     if all_max([1.0 if validated else 0.0], device)[0]:
         validated = validated or [{"step": step}]  # the other ranks' stand-in: only rank 0 reports it
     if sampler is not actor:
