@@ -527,6 +527,64 @@ def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
     assert [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")] == rows
 
 
+# One update on a fixed batch, by one process on all of it or by each torchrun rank on its share.
+UPDATE_SCRIPT = """
+import json, sys, types
+import torch
+sys.path.insert(0, sys.argv[1])
+import agent, rl
+tiny_dir, out = sys.argv[2], sys.argv[3]
+rank, world, device = rl.setup_distributed()
+model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+critic = rl.build_critic(tiny_dir, "cpu")
+prompt = tokenizer.encode("<|im_start|>user\\nTurn 1:\\nState:\\nP_G_\\n<|im_end|>\\n<|im_start|>assistant\\n<think>",
+                          add_special_tokens=False)
+answers = ["Right", "Left", "Up || Down", "Right || Right || Down", "Down", "Up", "Left || Up", "Right || Up"]
+episodes = []
+for i, answer in enumerate(answers):
+    response = tokenizer.encode(f"I go.</think><answer>{answer}</answer><|im_end|>", add_special_tokens=False)
+    n = len(prompt) + len(response)
+    mask = [0] * len(prompt) + [1] * len(response)
+    episodes.append(types.SimpleNamespace(tokens=prompt + response, assistant_mask=mask, logprobs=[0.0] * n,
+                                          turn_ends=[n - 1], turn_rewards=[(i % 3) - 0.7 * i],
+                                          turns=[{"observation": None, "prediction": None}]))
+args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--mini-batch", "8", "--ppo-epochs",
+                      "1", "--grad-clip", "1e9", "--entropy-coef", "0.01", "--micro-batch-tokens", "60"])
+batch, _ = rl.build_batch(episodes[rank::world], tokenizer, args)
+rl.score_batch(model, critic, None, batch, args, device, rl.nullcontext())
+opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, critic)]
+rl.update(model, critic, *opts, batch, args, world, device, rl.nullcontext(), 0)
+if rank == 0:
+    torch.save({"actor": model.state_dict(), "critic": critic.state_dict()}, out)
+"""
+
+
+def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(tiny_dir, tmp_path):
+    """Gradients summed over ranks, losses divided by the token counts of all ranks: two ranks on
+    halves of a batch take exactly the step one process takes on all of it (a rank that averaged
+    its gradients over ranks, or normalised by its own tokens, would take another)."""
+    script = tmp_path / "update.py"
+    script.write_text(UPDATE_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), ROOT, tiny_dir, str(tmp_path / "one.pt")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          str(script), ROOT, tiny_dir, str(tmp_path / "two.pt")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    start, _ = agent.load_model(tiny_dir, device="cpu")
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
+    moved = max((a["actor"][k] - v).abs().max().item() for k, v in start.state_dict().items())
+    assert moved > 1e-3
+    for part in ("actor", "critic"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=1e-5), (part, k)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "rl.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
