@@ -329,6 +329,13 @@ def random_model(arch, device=None, dtype=None, seed=0):
     return model.eval()
 
 
+def kv_cache_bytes_per_token(config, bytes_per_value):
+    """Bytes of keys and values one token adds to the KV cache, over all layers."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * bytes_per_value
+
+
 def save_checkpoint(model, tokenizer, out_dir, run_config=None):
     """A Hugging Face folder (config.json, model.safetensors, tokenizer files, run_config.json),
     written to a temporary folder beside out_dir and renamed into place: a crash never leaves a

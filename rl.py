@@ -588,16 +588,13 @@ def memory_plan(n_params, config, args, device, world):
     log-softmax and its gradient), but not the layers' activations (see --grad-checkpointing)."""
     gb = 1e9
     rollout_bytes = 2 if sampler_dtype(args, device) == torch.bfloat16 else 4
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     sequences = args.env_groups * args.group_size // world
     weights = 2 * 4 * n_params / gb  # actor and critic, fp32
     moments = 2 * 8 * n_params / gb
     reference_bytes = 2 if device.type == "cuda" else 4  # agent.load_model's default dtype
     copies = ((rollout_bytes * n_params / gb) if rollout_bytes == 2 else 0.0) + \
         ((reference_bytes * n_params / gb) if args.kl_coef > 0 else 0.0)
-    kv_cache = sequences * args.max_context_tokens * config.num_hidden_layers * 2 * kv_heads * head_dim \
-        * rollout_bytes / gb
+    kv_cache = sequences * args.max_context_tokens * agent.kv_cache_bytes_per_token(config, rollout_bytes) / gb
     resident = weights + copies + (0.0 if args.offload_optimizer else moments)
     plan = {"weights (actor + critic, fp32)": weights, "adamw moments": moments,
             "sampler copy + reference": copies, "kv cache (rollout)": kv_cache,

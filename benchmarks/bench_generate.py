@@ -164,10 +164,7 @@ def main():
         # spans the longest prompt plus the tokens so far (8 + new_tokens / 2 on average over the
         # timed steps; no stop tokens, so no row leaves the batch)
         weight_bytes = sum(p.numel() * p.element_size() for p in big.parameters())
-        c = big.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = c.num_key_value_heads
-        kv_bytes = (c.num_hidden_layers * 2 * kv_heads * head_dim * 2 * len(big_prompts)
+        kv_bytes = (agent.kv_cache_bytes_per_token(big.config, 2) * len(big_prompts)
                     * (max(map(len, big_prompts)) + 8 + args.new_tokens / 2))
         peak = peak_memory_bandwidth(results["device"])
         results.update({f"qwen1.5b_{k}": v for k, v in big_results.items()})

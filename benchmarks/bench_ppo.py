@@ -63,7 +63,7 @@ def main():
         except torch.cuda.OutOfMemoryError as e:  # still a result: how far it got, and the plan it had
             config_path = os.path.join(tmp, "run", "run_config.json")  # written once the models are loaded
             plan = json.load(open(config_path)).get("memory_plan_gb") if os.path.isfile(config_path) else None
-            print(json.dumps({**results, "oom": True, "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            print(json.dumps({**results, "oom": True, "peak_mem_gb": round(rl.peak_memory_gb(device), 2),
                               "total_mem_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 2),
                               "memory_plan_gb": plan, "error": str(e).splitlines()[0]}))
             raise SystemExit(1) from None

@@ -65,16 +65,22 @@ def last_json(text):
         return lines[-1]
 
 
+def _stat(pid):
+    """The fields of /proc/PID/stat after "pid (comm)": state, parent pid, ...; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_tree(pid):
     """pid and every process descended from it (Linux /proc). torchrun starts its workers in
     sessions of their own, so the check's process group alone does not reach them."""
     children = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = open(f"/proc/{entry}/stat").read()
-                parent = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
-                children.setdefault(parent, []).append(int(entry))
+        if entry.isdigit() and (stat := _stat(int(entry))):
+            children.setdefault(int(stat[1]), []).append(int(entry))  # stat[1]: the parent's pid
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())
@@ -96,11 +102,8 @@ def stop_tree(pid, grace_s=10):
 
 
 def _running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except OSError:
-        return False
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has ended
 
 
 def run_check(name, command, timeout_s, log):
