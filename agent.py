@@ -1071,13 +1071,30 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def drop_metrics_after(path, step):
-    """On resume (or a fresh start, step -1): forget the metric lines of steps after the saved
-    state, since they will be run and logged again. Returns the lines kept."""
+def drop_metrics_after(path, step, epoch=None):
+    """On resume (or a fresh start, step -1): forget the metric lines logged after the saved state,
+    since they will be run and logged again — lines of a later step and, given the saved epoch,
+    lines of the same step that carry a later epoch (SFT logs an epoch's held-out line, with
+    epoch + 1, before it saves the epoch's end). Returns the lines kept."""
+    def logged_after(row):
+        later_epoch = epoch is not None and row.get("step", 0) == step and row.get("epoch", 0) > epoch
+        return row.get("step", 0) > step or later_epoch
+
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        rows = [r for r in (json.loads(line) for line in f if line.strip()) if r.get("step", 0) <= step]
+        lines = f.read().split("\n")
+    lines.pop()  # what follows the last newline: nothing, or the half line of a crash mid-append
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise SystemExit(f"{path}: line {number} is not JSON; move the file away to start its metrics afresh")
+        if not logged_after(row):
+            rows.append(row)
     write_jsonl(path, rows)
     return rows
 

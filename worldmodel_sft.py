@@ -639,7 +639,8 @@ def main(argv=None):
         step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resuming at step {step} (epoch {first_epoch}, batch {skip_batches})", flush=True)
-    agent.drop_metrics_after(metrics_path, step if step else -1)  # a fresh start forgets an earlier partial run
+    # a fresh start forgets an earlier partial run; a resume, what was logged after the saved state
+    agent.drop_metrics_after(metrics_path, step if step else -1, first_epoch)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
 
@@ -647,8 +648,8 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=None)
     pad = tokenizer.pad_token_id
     for epoch in range(first_epoch, args.epochs):
-        if step >= total_steps:
-            break
+        if step >= total_steps and not (epoch == first_epoch and skip_batches):
+            break  # --max-train-tokens ended training, and that epoch's end is logged and saved
         batches = length_bucketed_batches(lengths, args.batch_size, random.Random(f"{args.seed}-{epoch}"))
         for b, batch in enumerate(batches):
             if epoch == first_epoch and b < skip_batches:

@@ -409,6 +409,33 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     assert json.load(open(tmp_path / "renamed" / "run_config.json"))["lr"] == 1e-3
 
 
+def test_a_crash_after_an_epochs_heldout_line_logs_it_once_on_resume(tmp_path, monkeypatch):
+    one_epoch = SMALL + ["--epochs", "1", "--save-every", "1"]
+    # the crash lands after the held-out line, before the epoch's end is saved, while a line is half written
+    original = agent.append_jsonl
+
+    def crash(path, row):
+        original(path, row)
+        if "heldout/loss" in row:
+            with open(path, "a") as f:
+                f.write('{"step": 9')
+            raise KeyboardInterrupt
+    monkeypatch.setattr(agent, "append_jsonl", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(one_epoch + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(agent, "append_jsonl", original)
+    sft.main(one_epoch + ["--out", str(tmp_path / "b")])
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    steps = len(rows) - 1
+    assert [r["step"] for r in rows] == [*range(1, steps + 1), steps]  # every step once, then the held-out line
+    assert ["heldout/loss" in r for r in rows] == [False] * steps + [True]
+    # a line that is not JSON before the last one is not a crash's half line: a clear error
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write("garbage\n")
+    with pytest.raises(SystemExit, match=r"line \d+ is not JSON"):
+        agent.drop_metrics_after(str(tmp_path / "b" / "metrics.jsonl"), 1)
+
+
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sft.main(SMALL + ["--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.jsonl")])
