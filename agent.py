@@ -313,7 +313,8 @@ def _load_failure(name_or_path, what, error):
         return f"cannot load the {what} from folder {name_or_path!r} (missing or corrupt files?): {first_line}"
     return (f"cannot load the {what} {name_or_path!r}: there is no such folder, and the Hugging Face "
             f"Hub could not provide it as a model id (no network, HF_HUB_OFFLINE set, or a wrong id). "
-            f"Download it where there is network and pass the folder, or use --preset tiny. ({first_line})")
+            f"Download it where there is network and pass the folder (worldmodel_sft.py and rl.py can also run "
+            f"without downloads: --preset tiny). ({first_line})")
 
 
 def random_model(arch, device=None, dtype=None, seed=0):
@@ -941,7 +942,7 @@ def _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, s
 
 
 # How many actions the random behaviour policy plans per turn: one more with this probability, up
-# to the cap (1: 60%, 2: 24%, 3: 10%, 4: 4%, 5: 2%). Short plans are what a world model predicts
+# to the cap (1: 60%, 2: 24%, 3: 9.6%, 4: 3.8%, 5: 2.6%). Short plans are what a world model predicts
 # best -- next-state accuracy after one action was several times that after three in our tiny-
 # preset measurements -- and a model finetuned on them writes short plans in turn.
 RANDOM_PLAN_CONTINUE = 0.4

@@ -54,9 +54,11 @@ Things to know when reading a report:
   plays all samples of a puzzle alike: the oracle's pass@k equals its pass@1 there.
 - Prompt settings default to what the checkpoint was trained with (its run_config.json:
   instruction, max_response_tokens, mode, render; tiny-preset checkpoints: short instruction and
-  agent.TINY_MAX_RESPONSE_TOKENS), else the paper's (full, 400, worldmodel, coords); flags override.
+  agent.TINY_MAX_RESPONSE_TOKENS), else SPA's world-model prompt at paper scale (full, 400,
+  worldmodel, coords; paper-preset PPO plays base mode: pass --mode base to compare with it);
+  flags override.
   Reference rows use the first model's settings and tokenizer (without a model: the flags, and the
-  tiny preset's tokenizer, trained in memory in under a second), with a token budget of at least
+  tiny preset's tokenizer, trained in memory in about two seconds), with a token budget of at least
   400 so that their responses are never cut; their outcomes depend on none of these.
 """
 import argparse

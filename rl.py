@@ -1,12 +1,12 @@
 """
 Stage 2 of SPA: multi-turn PPO with GAE on one GPU (SPEC §5), written by hand.
 
-    python rl.py --env frozenlake --model runs/sft-frozenlake/model --out runs/spa     # SPA: PPO after SFT
-    python rl.py --env frozenlake --model Qwen/Qwen2.5-1.5B-Instruct --out runs/ppo     # vanilla PPO
-    python rl.py --env frozenlake --model runs/sft/model --mode worldmodel --worldmodel-reward 0.1 \\
-        --out runs/online-wm                                                              # online world-model RL
-    python rl.py --env frozenlake --preset tiny --model runs/sft-tiny/model --out runs/rl-tiny   # CPU, minutes
-    torchrun --nproc_per_node=2 rl.py --env sokoban ...                                  # data parallel
+    python rl.py --env frozenlake --preset tiny --model runs/sft-frozenlake/model --out runs/rl-frozenlake  # CPU
+    python rl.py --env sokoban --model runs/sft-sokoban/model --out runs/spa-sokoban    # SPA: PPO after SFT, one GPU
+    python rl.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --out runs/ppo-sokoban   # vanilla PPO
+    python rl.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --mode worldmodel --worldmodel-reward 0.1 \\
+        --out runs/online-sokoban                                                       # online world-model RL
+    torchrun --nproc_per_node=2 rl.py --env sokoban ...                                # data parallel
 
 One PPO step:
   1. rollout    -- env_groups x group_size multi-turn episodes with the current policy (agent.rollout);
@@ -55,7 +55,8 @@ import envs
 from evaluate import pass_at_k
 
 PRESETS = {
-    # SPEC §5: the reference configuration, Qwen2.5-1.5B-Instruct
+    # SPEC §5: the reference configuration, Qwen2.5-1.5B-Instruct. Its "up to 1000 steps" is a ceiling;
+    # the preset stops at 200 to fit a one-GPU budget (--steps 1000 runs the whole schedule)
     "paper": dict(model=agent.DEFAULT_MODEL, mode="base", state_loss=True, instruction="full", env_groups=32,
                   group_size=8, steps=200,
                   actor_lr=1e-6, critic_lr=1e-5, mini_batch=64, micro_batch_tokens=8192, max_response_tokens=400,
@@ -103,7 +104,8 @@ def parse_args(argv=None):
     p("--env-groups", type=int, help="puzzles per step")
     p("--group-size", type=int, help="episodes per puzzle")
     p("--keep-groups", type=float, default=0.25,
-      help="fraction of groups kept, largest score std first (per rank under torchrun)")
+      help="fraction of groups kept, largest std of training rewards (score + world-model bonus) first "
+           "(per rank under torchrun)")
     p("--temperature", type=float, default=1.0,
       help="sampling temperature (> 0); the PPO ratio, entropy and KL use the same tempered distribution")
     p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")

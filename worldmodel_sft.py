@@ -25,7 +25,7 @@ Where this departs from the paper's recipe, and why:
 - States in the rewritten responses stand on lines of their own (see agent.replace_states).
 - The tiny preset's rewritten thoughts end with a trace of the turn (`--thought-trace`: "Right to
   (2,2)." -- where the player and any pushed box went after each action), written before the
-  prediction: a scratchpad that a 2M-parameter model needs to predict next states (README). At
+  prediction: a scratchpad that a 2.3M-parameter model needs to predict next states (README). At
   paper scale the model's own thoughts are kept as written.
 """
 import argparse

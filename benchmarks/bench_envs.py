@@ -8,6 +8,7 @@ Targets (issue 2): >= 200 Sokoban puzzles/s and >= 100,000 steps/s on one core, 
 generation and stepping never bottleneck a 256-episode rollout. Everything here is pure Python on
 one thread. Progress goes to stderr; the last stdout line is one JSON object.
 """
+import argparse
 import json
 import os
 import random
@@ -60,6 +61,7 @@ def steps_per_s(name, n_steps, n_seeds=256):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     results = {}
     for name, n in PUZZLES.items():
         results[f"{name}_puzzles_per_s"] = round(puzzles_per_s(name, n), 1)

@@ -3,7 +3,7 @@ The paper's comparison at tiny scale (SPEC §1, §5): SPA vs vanilla PPO vs onli
 from a fresh tiny model, on this machine's CPU, in one command.
 
     python benchmarks/bench_learning.py --env frozenlake                  # the full run (see README for its time)
-    python benchmarks/bench_learning.py --env frozenlake --quick          # the pipeline in about 9 minutes
+    python benchmarks/bench_learning.py --env frozenlake --quick          # the pipeline in 4 to 8 minutes (by machine)
     python benchmarks/bench_learning.py --env frozenlake --fixed-maps 8   # PPO on 8 fixed maps, 3 PPO seeds an arm
     python benchmarks/bench_learning.py --env sokoban --fixed-maps 8 --ppo-seeds 1 --kl-coef 0   # no KL penalty
 
@@ -37,11 +37,12 @@ Two questions, two modes:
 Outputs in --out: each stage's run folder (sft-spa, sft-vanilla, rl-RUN for each run: rl-spa, or
 rl-spa-seed0, rl-spa-seed1, ... with several PPO seeds; eval), report.md (the table, the paired
 differences, the learning curves) and report.json (every number, the curves: validation Pass@1
-and Pass@8 against PPO step for each run; every stage's argv). A stage whose final checkpoint
-exists is not run again, so an interrupted benchmark continues where it stopped (the same flags
-and --out; a finished stage run with other settings is an error, not a result). The last stdout
-line is JSON: spa_pass1, vanilla_pass1, online_pass1, oracle, random, spa_pass1_ci,
-vanilla_pass1_ci (half-widths of the 95% bootstrap intervals), spa_pass8, vanilla_pass8, minutes;
+and Pass@8 against PPO step for each run; every stage's argv). A stage whose final output exists
+(SFT: eval.json; PPO: model/) is not run again, so an interrupted benchmark continues where it
+stopped (the same flags and --out; a finished stage run with other settings is an error, not a
+result). The last stdout line is JSON: spa_pass1, vanilla_pass1, online_pass1, oracle, random,
+spa_pass1_ci, vanilla_pass1_ci (half-widths of the 95% bootstrap intervals), spa_pass8,
+vanilla_pass8, minutes;
 with several PPO seeds the arm figures are means over them, and *_pass1_seeds and
 spa_minus_vanilla_seeds ([difference, 95% interval over samples] per seed) give each run.
 """

@@ -8,7 +8,8 @@ the figures are those of the last step (the first pays one-off warm-up costs).
 
 JSON figures: rollout_s, logprob_s, update_s, step_s, peak_mem_gb (CUDA: the step's peak allocated
 memory; CPU: the process's peak resident memory), tokens_per_s, and what was run. A fresh model
-does not stop early, so every turn uses its whole token budget: an upper bound on a step's cost.
+seldom stops early, so a turn nearly always uses its whole token budget: close to an upper bound on a
+step's cost.
 With --arch the model is randomly initialised (weights cannot be downloaded here) and paired with
 the tiny tokenizer, whose token ids it accepts: compute and memory are the real architecture's.
 Progress goes to stderr; the last stdout line is one JSON object.
@@ -31,11 +32,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="sokoban", help="environment")
     parser.add_argument("--arch", choices=agent.ARCHITECTURES, help="random-init real architecture (GPU)")
-    parser.add_argument("--env-groups", type=int, default=32)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--env-groups", type=int, default=32, help="distinct puzzles per step")
+    parser.add_argument("--group-size", type=int, default=8, help="samples per puzzle")
     parser.add_argument("--steps", type=int, default=2, help="PPO steps; the last one is reported")
     parser.add_argument("--max-response-tokens", type=int, help="per turn (default: the preset's)")
-    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="rl.py --grad-checkpointing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = agent.build_tiny_model(os.path.join(tmp, "tiny"), seed=0)

@@ -45,7 +45,8 @@ def main():
     parser.add_argument("--env-groups", type=int, default=32, help="distinct puzzles")
     parser.add_argument("--group-size", type=int, default=8, help="samples per puzzle")
     parser.add_argument("--max-response-tokens", type=int, default=agent.TINY_MAX_RESPONSE_TOKENS,
-                        help="token budget per turn")
+                        help="token budget per turn of the timed model rollout (the scripted rollouts of "
+                             "the per-env tokens_per_turn_* figures use 400)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
     torch.manual_seed(args.seed)

@@ -43,7 +43,8 @@ PY = sys.executable
 CHECKS = {
     "generate": ([PY, "benchmarks/bench_generate.py", "--repeats", "2"], 150),
     "sft": ([PY, "benchmarks/bench_sft.py"], 120),
-    # the memory plan (rl.py --help, README) wants gradient checkpointing for a 1.5B actor and critic on 80 GB
+    # the memory plan (README; rl.py prints it at start as memory_plan_gb) wants gradient
+    # checkpointing for a 1.5B actor and critic on 80 GB
     "ppo": ([PY, "benchmarks/bench_ppo.py", "--arch", "qwen2.5-1.5b", "--grad-checkpointing"], 300),
     "torchrun": ([PY, "-m", "torch.distributed.run", "--nproc_per_node=1", "rl.py", "--env", "frozenlake",
                   "--preset", "tiny", "--steps", "2", "--val-every", "0", "--val-puzzles", "4", "--env-groups", "8",

@@ -17,6 +17,18 @@ def run_benchmark(name, *args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+SCRIPTS = ["worldmodel_sft.py", "rl.py", "evaluate.py",
+           *(f"benchmarks/{name}" for name in sorted(os.listdir(os.path.join(ROOT, "benchmarks")))
+             if name.endswith(".py"))]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_without_running(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.startswith("usage:") and "--help" in out.stdout
+
+
 def test_bench_envs_figures():
     result = run_benchmark("bench_envs.py")
     for key in ("sokoban_puzzles_per_s", "frozenlake_puzzles_per_s", "sudoku_puzzles_per_s", "steps_per_s"):
