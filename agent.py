@@ -14,6 +14,7 @@ Read top to bottom:
 The stages import what they need from here (and the rules from envs.py); nothing here is
 stage-specific.
 """
+import glob
 import json
 import os
 import random
@@ -344,7 +345,11 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    prefix = ".tmp-" + os.path.basename(out_dir) + "-"
+    # what a save killed mid-way left behind (a full checkpoint each): out_dir is rewritten whole now
+    for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")) + [out_dir + ".old"]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         model = getattr(model, "module", model)  # DDP wrapper
         model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -353,11 +358,9 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
         if run_config is not None:
             write_json(os.path.join(tmp, "run_config.json"), run_config)
         if os.path.exists(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out_dir, old)
+            os.rename(out_dir, out_dir + ".old")
             os.rename(tmp, out_dir)
-            shutil.rmtree(old)
+            shutil.rmtree(out_dir + ".old")
         else:
             os.rename(tmp, out_dir)
     except BaseException:
@@ -1083,20 +1086,25 @@ def drop_metrics_after(path, step, epoch=None):
 
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
+    rows = [row for row in read_jsonl(path) if not logged_after(row)]
+    write_jsonl(path, rows)
+    return rows
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file that append_jsonl writes to; the half line a crash can leave
+    at its end is skipped. Any other line that is not JSON is an error."""
+    with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     lines.pop()  # what follows the last newline: nothing, or the half line of a crash mid-append
     rows = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise SystemExit(f"{path}: line {number} is not JSON; move the file away to start its metrics afresh")
-        if not logged_after(row):
-            rows.append(row)
-    write_jsonl(path, rows)
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SystemExit(f"error: {path}: line {number} is not JSON; move the file away to start afresh") \
+                    from None
     return rows
 
 
@@ -1106,7 +1114,36 @@ def write_text(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_train_state(path, state):
+    """torch.save(state), atomically (write, then rename): what a run needs to continue exactly."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resume_train_state(path, keys, restore, writer):
+    """Load the state that save_train_state wrote at path, check it holds `keys`, and hand it to
+    restore(state), which puts it into the models and optimisers. Anything wrong -- a truncated or
+    foreign file, weights of another shape -- is one clear error, never a traceback or a run that
+    trains on from half a state. writer names the script, for the message."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not set(keys) <= set(state):
+            raise ValueError(f"not a train state written by {writer}")
+        restore(state)
+        return state
+    except Exception as e:
+        message = " ".join(str(e).split())  # load_state_dict's lists of mismatched shapes, on one line
+        raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {message[:300]}); "
+                         f"delete it to start over") from None
 
 
 def write_json(path, obj):
@@ -1125,9 +1162,10 @@ def run_config(args):
 
 def settings_changed(run_dir, config, may_change=()):
     """How the settings in config differ from those of the run already in run_dir (its
-    run_config.json), as one line; None when they agree or there is no earlier run. Keys in
-    may_change are allowed to differ. A stage checks this before it resumes: continuing a run's
-    state (or reusing its data) under other flags would mix two runs and report them as one.
+    run_config.json), as one line; None when they agree. Keys in may_change are allowed to differ.
+    A stage checks this before it resumes: continuing a run's state (or reusing its data) under
+    other flags would mix two runs and report them as one -- so a run without its run_config.json
+    cannot be checked, and that is said too.
 
     The run folder may have been moved or copied since, alone or with its siblings (a benchmark's
     folder, whose stages point into each other): a path recorded inside the old folder, or inside
@@ -1135,7 +1173,7 @@ def settings_changed(run_dir, config, may_change=()):
     the same path."""
     path = os.path.join(run_dir, "run_config.json")
     if not os.path.isfile(path):
-        return None
+        return "no run_config.json there records its settings"
     try:
         with open(path) as f:
             before = json.load(f)

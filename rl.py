@@ -614,21 +614,18 @@ def sampler_dtype(args, device):
 
 
 def save_train_state(path, actor, critic, actor_opt, critic_opt, step):
-    tmp = path + ".tmp"
-    torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "actor_opt": actor_opt.state_dict(),
-                "critic_opt": critic_opt.state_dict(), "step": step}, tmp)
-    os.replace(tmp, path)
+    agent.save_train_state(path, {"actor": actor.state_dict(), "critic": critic.state_dict(),
+                                  "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+                                  "step": step})
 
 
-def load_train_state(path):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not {"actor", "critic", "actor_opt", "critic_opt", "step"} <= set(state):
-            raise ValueError("not a train state written by rl.py")
-        return state
-    except Exception as e:  # truncated or foreign: say so rather than train from half a state
-        raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {e}); delete it to start over") \
-            from None
+def resume(path, actor, critic, actor_opt, critic_opt):
+    """Load the saved state into the models and optimisers; returns the step it was saved at."""
+    def restore(state):
+        for module, key in ((actor, "actor"), (critic, "critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
+            module.load_state_dict(state[key])
+    keys = ("actor", "critic", "actor_opt", "critic_opt", "step")
+    return agent.resume_train_state(path, keys, restore, "rl.py")["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -715,7 +712,7 @@ def main(argv=None):
     if os.path.isfile(state_path):  # resuming: the same run or an error, on every rank, before any loading
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
         if changed:
-            raise SystemExit(f"error: {args.out} holds a PPO run with other settings ({changed}); "
+            raise SystemExit(f"error: {args.out} holds a PPO run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")
     torch.manual_seed(args.seed)
 
@@ -751,12 +748,10 @@ def main(argv=None):
                                    fused=fused)
     step = 0
     if os.path.isfile(state_path):
-        state = load_train_state(state_path)
-        actor.load_state_dict(state["actor"])
-        critic.load_state_dict(state["critic"])
-        actor_opt.load_state_dict(state["actor_opt"])
-        critic_opt.load_state_dict(state["critic_opt"])
-        step = state["step"]
+        step = resume(state_path, actor, critic, actor_opt, critic_opt)
+        if step > args.steps:
+            raise SystemExit(f"error: {args.out} was trained to step {step}; --steps {args.steps} would publish "
+                             f"that model as a shorter run (a run can be extended, not shortened)")
         if is_main:
             print(f"resuming at step {step}", flush=True)
     # a fresh start (step 0) forgets an earlier partial run's lines; only rank 0 writes (and reads)

@@ -539,18 +539,19 @@ RESUME_MAY_CHANGE = ("save_every", "micro_batch_tokens", "eval_turns", "heldout_
 def save_train_state(path, model, optimizer, step, epoch, batch_in_epoch):
     """Everything needed to continue exactly where training stopped, written atomically. (The data
     order is a function of the seed and the epoch, so it needs no saved state.)"""
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "torch_rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, path)
+    agent.save_train_state(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                  "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                  "torch_rng": torch.get_rng_state()})
 
 
-def load_train_state(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file: say so, do not train from a half state
-        raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {e}); "
-                         f"delete it to start over") from None
+def resume(path, model, optimizer):
+    """Load the saved state into model and optimizer (and torch's RNG); returns the state."""
+    def restore(state):
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    return agent.resume_train_state(path, ("model", "optimizer", "step", "epoch", "batch_in_epoch", "torch_rng"),
+                                    restore, "worldmodel_sft.py")
 
 
 def main(argv=None):
@@ -563,7 +564,7 @@ def main(argv=None):
     if os.path.isfile(state_path) or os.path.isfile(data_path):  # resuming, or reusing the self-play data
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
         if changed:
-            raise SystemExit(f"error: {args.out} holds an SFT run with other settings ({changed}); "
+            raise SystemExit(f"error: {args.out} holds an SFT run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete the folder to start over")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     agent.write_json(os.path.join(args.out, "run_config.json"), config)
@@ -633,11 +634,8 @@ def main(argv=None):
                                   lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
     step, first_epoch, skip_batches = 0, 0, 0
     if os.path.isfile(state_path):
-        state = load_train_state(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = resume(state_path, model, optimizer)
         step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(state["torch_rng"])
         print(f"resuming at step {step} (epoch {first_epoch}, batch {skip_batches})", flush=True)
     # a fresh start forgets an earlier partial run; a resume, what was logged after the saved state
     agent.drop_metrics_after(metrics_path, step if step else -1, first_epoch)
@@ -690,8 +688,8 @@ def main(argv=None):
     chosen = rng.sample(heldout, min(args.eval_turns, len(heldout))) if heldout else []
     summary, records = evaluate_world_model(model, tokenizer, chosen, args.max_response_tokens)
     summary.update(env=args.env, loss_spans=args.loss_spans, state_targets=args.state_targets, steps=step)
-    agent.write_json(os.path.join(args.out, "eval.json"), summary)
     agent.write_jsonl(os.path.join(args.out, "eval_samples.jsonl"), records)
+    agent.write_json(os.path.join(args.out, "eval.json"), summary)  # last: bench_learning's "stage done" mark
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -92,7 +92,7 @@ def run_stage(name, done_path, stage, argv):
         args = stage.parse_args(argv)
         changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS)
         if changed:
-            raise SystemExit(f"error: {name} in {args.out} was run with other settings ({changed}); "
+            raise SystemExit(f"error: {name} in {args.out} is not this benchmark's run ({changed}); "
                              f"use another --out")
         log(f"{name}: done before ({done_path})")
         return

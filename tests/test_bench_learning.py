@@ -127,7 +127,7 @@ def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path):
         json.dump({**agent.run_config(finished), "device": "cpu", "world_size": 1, "parameters": 1}, f)
     done = os.path.join(finished.out, "model")
     bench_learning.run_stage("rl-spa", done, rl, anchored["rl-spa"])  # the same settings: skipped, not run
-    with pytest.raises(SystemExit, match=r"rl-spa in .* was run with other settings \(kl_coef: 0.1 there, 0.0 now\)"):
+    with pytest.raises(SystemExit, match=r"rl-spa in .* is not this benchmark's run \(kl_coef: 0.1 there, 0.0 now\)"):
         bench_learning.run_stage("rl-spa", done, rl, default["rl-spa"])
 
 
@@ -148,7 +148,7 @@ def test_stages_copied_into_another_benchmark_folder_are_reused_there(tmp_path):
     config = agent.run_config(worldmodel_sft.parse_args(copied))
     assert agent.settings_changed(os.path.join(second, "sft-vanilla"), config) is None  # the stage would resume there
     # a copy made with other settings is still refused, and a path outside the folder does not follow it
-    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
+    with pytest.raises(SystemExit, match=r"not this benchmark's run \(lr: 0.001 there, 0.002 now\)"):
         bench_learning.run_stage("sft-vanilla", done, worldmodel_sft, copied + ["--lr", "2e-3"])
     with open(os.path.join(second, "sft-vanilla", "run_config.json")) as f:
         recorded = json.load(f)

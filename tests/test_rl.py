@@ -490,7 +490,7 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert straight == {**resumed, "checkpoint": straight["checkpoint"]}
     # the same folder with another learning rate is another run: a clear error, the run untouched
-    with pytest.raises(SystemExit, match=r"other settings \(actor_lr: 0.001 there, 0.0005 now\)"):
+    with pytest.raises(SystemExit, match=r"cannot continue \(actor_lr: 0.001 there, 0.0005 now\)"):
         rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1",
                          "--actor-lr", "5e-4"))
     assert rows("moved/b")[-1]["step"] == 2
@@ -498,6 +498,13 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
     again = rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
     assert rows("moved/b") == rows("a") and again == resumed
     assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["actor_lr"] == 1e-3
+    # a run can be extended, not shortened: its model would be published under the shorter --steps
+    with pytest.raises(SystemExit, match="trained to step 2; --steps 1"):
+        rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--steps", "1"))
+    # a state whose run_config.json is gone cannot be checked against the flags: refused, not resumed
+    os.remove(tmp_path / "moved" / "b" / "run_config.json")
+    with pytest.raises(SystemExit, match="no run_config.json there records its settings"):
+        rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
     assert os.path.isfile(tmp_path / "a" / "model" / "model.safetensors")
     reloaded, _ = agent.load_model(str(tmp_path / "a" / "model"), device="cpu")
     assert all(torch.equal(p, a["actor"][k]) for k, p in reloaded.state_dict().items() if k in a["actor"])
@@ -603,9 +610,20 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     assert result.returncode == 1 and "error: cannot load" in result.stderr and "Traceback" not in result.stderr
     out = tmp_path / "corrupt"
     out.mkdir()
-    (out / "train_state.pt").write_bytes(b"not a checkpoint")
-    result = run_cli(*tiny_run(tiny_dir, out))
-    assert result.returncode == 1 and "cannot resume from" in result.stderr and "Traceback" not in result.stderr
+    with open(out / "run_config.json", "w") as f:  # the run's own settings: the state itself is what is wrong
+        json.dump(agent.run_config(rl.parse_args(tiny_run(tiny_dir, out))), f)
+    for state, message in ((b"not a checkpoint", "cannot resume from"),
+                           (None, "not a train state written by rl.py"),  # SFT's state, say
+                           ("shapes", "Error(s) in loading state_dict")):  # another model's weights
+        if state is None:
+            torch.save({"model": {}, "step": 3}, out / "train_state.pt")
+        elif state == "shapes":
+            torch.save({"actor": {"lm_head.weight": torch.zeros(2, 2)}, "critic": {}, "actor_opt": {},
+                        "critic_opt": {}, "step": 1}, out / "train_state.pt")
+        else:
+            (out / "train_state.pt").write_bytes(state)
+        result = run_cli(*tiny_run(tiny_dir, out))
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

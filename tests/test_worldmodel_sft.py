@@ -404,7 +404,7 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight == resumed
     # the same folder with other settings would train another run on this one's data and state
-    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
+    with pytest.raises(SystemExit, match=r"cannot continue \(lr: 0.001 there, 0.002 now\)"):
         sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--lr", "2e-3"])
     assert json.load(open(tmp_path / "renamed" / "run_config.json"))["lr"] == 1e-3
 
@@ -479,7 +479,14 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     run = tmp_path / "w"
     run.mkdir()
     (run / "train_state.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="no run_config.json there records its settings"):  # unknown settings
+        sft.main(SMALL + ["--out", str(run)])
+    with open(run / "run_config.json", "w") as f:  # the run's own settings: now the state itself is what is wrong
+        json.dump(agent.run_config(sft.parse_args(SMALL + ["--out", str(run)])), f)
     with pytest.raises(SystemExit, match="cannot resume"):
+        sft.main(SMALL + ["--out", str(run)])
+    torch.save({"actor": {}, "step": 1}, run / "train_state.pt")  # rl.py's, say
+    with pytest.raises(SystemExit, match="not a train state written by worldmodel_sft.py"):
         sft.main(SMALL + ["--out", str(run)])
 
 
