@@ -14,8 +14,10 @@ Read top to bottom:
 The stages import what they need from here (and the rules from envs.py); nothing here is
 stage-specific.
 """
+import argparse
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -189,7 +191,10 @@ def parse_response(response, mode, max_actions=MAX_ACTIONS_PER_TURN):
       format_valid  -- the response follows the mode's format (see above)
       actions       -- the answer's actions ([] unless format_valid)
       think, answer, observation, prediction -- the stripped spans, None where absent
+    A malformed response is an invalid turn, never an error; an unknown mode is a caller's bug.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     parsed = {"format_valid": False, "actions": [], "think": None, "answer": None,
               "observation": None, "prediction": None}
     text = response.strip() if isinstance(response, str) else ""
@@ -305,11 +310,18 @@ def load_model(name_or_path, device=None, dtype=None):
                                                      local_files_only=_local_files_only(name_or_path))
     except Exception as e:  # as in load_tokenizer: re-raised below with what to do about it
         raise ModelLoadError(_load_failure(name_or_path, "model", e)) from e
+    if len(tokenizer) > model.config.vocab_size:  # its ids would index past the embedding table mid-run
+        raise ModelLoadError(f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens and the model's "
+                             f"vocabulary {model.config.vocab_size}: they do not belong together")
     return model.to(device).eval(), tokenizer
 
 
 def _load_failure(name_or_path, what, error):
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isfile(name_or_path):
+        return f"cannot load the {what}: {name_or_path!r} is a file, not a checkpoint folder"
+    if os.path.isfile(os.path.join(name_or_path, "model", "config.json")):  # a run folder given for its model
+        return f"cannot load the {what}: {name_or_path!r} is a run folder; did you mean {name_or_path}/model?"
     if os.path.isdir(name_or_path):
         return f"cannot load the {what} from folder {name_or_path!r} (missing or corrupt files?): {first_line}"
     return (f"cannot load the {what} {name_or_path!r}: there is no such folder, and the Hugging Face "
@@ -855,7 +867,7 @@ def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel"
     episodes = []
     for group, seed in enumerate(seeds):
         for sample in range(group_size):
-            env = envs.make(env_name, render_mode=render, **(env_overrides or {}))
+            env = envs.make(env_name, **{**(env_overrides or {}), "render_mode": render})
             env.reset(seed)
             first = user_message(1, env.render(), env.actions_left, mode, max_response_tokens,
                                  env_instruction(instruction, env_name, env))
@@ -1069,6 +1081,17 @@ def micro_batches(batch, lengths, max_tokens):
     return pieces + ([piece] if piece else [])
 
 
+def clip_gradients(model, max_norm):
+    """Clip the gradients' total norm to max_norm; returns the norm before clipping. A NaN or
+    infinite norm stops the run before the optimiser step would write it into the weights (the
+    last saved state stays the last good one)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if not math.isfinite(norm):
+        raise SystemExit(f"error: the gradient norm is {norm}: training diverged (too high a learning rate?); "
+                         f"the run stops here, and its last saved state is the last good one")
+    return norm
+
+
 def append_jsonl(path, row):
     """Append one JSON line (metrics: a crash loses at most the line being written)."""
     with open(path, "a") as f:
@@ -1202,8 +1225,43 @@ def settings_changed(run_dir, config, may_change=()):
 def env_overrides_problem(env_name, overrides):
     """What is wrong with an --env-overrides value for env_name, as one line for parser.error (None
     when envs.make takes it). Every script with that flag checks it this way before any work."""
+    if "render_mode" in overrides:
+        return "--env-overrides: the rendering is not an env override; set it with --render"
     try:
         envs.make(env_name, **overrides)
     except (TypeError, ValueError) as e:
         return f"--env-overrides {json.dumps(overrides)}: {e}"
     return None
+
+
+# argparse types and the run folder: a bad value is one line at start, not a traceback mid-run
+
+def json_object(text):
+    """--env-overrides: a JSON object, e.g. '{"slippery": false}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}); e.g. '{{\"slippery\": false}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of settings is needed, e.g. '{{\"slippery\": false}}', "
+                                         f"not {text!r}")
+    return value
+
+
+def finite_float(text):
+    """A float flag: NaN and infinities are refused (they would train a model into NaN, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def make_run_dir(path):
+    """Create the run folder (--out), or exit with one line that says why it cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {path}: {e.strerror}; pass a folder path that can be written to") from None

@@ -42,6 +42,14 @@ import numpy as np
 ENVS = ("sokoban", "frozenlake", "sudoku")
 RENDER_MODES = ("grid", "coords")
 
+# Upper bounds on the settings, far above SPEC §2's defaults (6x6 Sokoban and 4x4 FrozenLake with 10
+# actions, Sudoku with 50) and above any budget a rollout can use (5 turns of 5 actions): past them a
+# typo such as size=3000 or max_steps=10**6 would make each reset run for seconds to minutes. Even at
+# 16x16, FrozenLake's exact oracle takes about 15 s per map (8x8: 0.5 s).
+MAX_SIDE = 16  # rows or columns of a Sokoban room or a FrozenLake map, hand-written or generated
+MAX_STEPS = 200  # the action budget of every env
+MAX_BOXES = 6  # boxes of a generated Sokoban (the paper uses 1)
+
 
 def make(name, **overrides):
     """Build an environment by name; keyword overrides replace its defaults (see each class)."""
@@ -73,11 +81,21 @@ def _check_seed(seed):
     return int(seed)
 
 
-def _whole(name, value):
-    """An int setting (num_boxes, max_steps, ...) as an int: "2" or 6.7 is a bug, not a 2 or a 6."""
+def _whole(name, value, low, high):
+    """An int setting (num_boxes, max_steps, ...) as an int in low..high: "2" or 6.7 is a bug, not
+    a 2 or a 6."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
     return int(value)
+
+
+def _flag(name, value):
+    """A yes/no setting as a bool: bool("false") is True, so a string or a number is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be true or false (JSON booleans), got {value!r}")
+    return bool(value)
 
 
 def _check_reset(env):
@@ -99,10 +117,14 @@ def _join_positions(positions):
 
 def _parse_grid(text, allowed, what):
     """A hand-written symbol grid (rows joined by newlines or given as a list) -> list of rows."""
-    rows = text.split("\n") if isinstance(text, str) else list(text)
+    rows = text.split("\n") if isinstance(text, str) else text
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(row, str) for row in rows):
+        raise TypeError(f"{what} must be a list of row strings or one string with newlines, got {text!r}")
     rows = [row.strip() for row in rows if row.strip()]
     if not rows or len({len(row) for row in rows}) != 1:
         raise ValueError(f"{what}: rows must be non-empty and all the same length, got {rows!r}")
+    if len(rows) > MAX_SIDE or len(rows[0]) > MAX_SIDE:
+        raise ValueError(f"{what}: at most {MAX_SIDE}x{MAX_SIDE} cells, got {len(rows)}x{len(rows[0])}")
     unknown = set("".join(rows)) - set(allowed)
     if unknown:
         raise ValueError(f"{what}: unknown symbols {sorted(unknown)}; allowed: {allowed}")
@@ -260,30 +282,52 @@ def _generate_sokoban(seed, height, width, num_boxes, max_steps):
                        f"solvable in {max_steps} actions (seed {seed})")
 
 
+def _dim_room(value):
+    """dim_room as (rows, cols), each 3..MAX_SIDE (a JSON override arrives as a list)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TypeError(f"dim_room must be [rows, cols], got {value!r}")
+    return tuple(_whole("dim_room", x, 3, MAX_SIDE) for x in value)
+
+
+@functools.lru_cache(maxsize=256)
+def _solve_room(walls, width, targets, boxes, player, max_steps):
+    """The optimal plan of a hand-written room as a tuple, or None if none fits max_steps actions;
+    memoised because a rollout builds a fresh env for every episode."""
+    plan = sokoban_solve(walls, width, targets, boxes, player, max_depth=max_steps)
+    return None if plan is None else tuple(plan)
+
+
 class Sokoban:
     """Push every box (X) onto a target (O). Actions: Up, Down, Left, Right (case-insensitive).
 
-    Overrides: dim_room=(rows, cols) (default (6, 6)), num_boxes (1), max_steps (10, the action
-    budget per episode), render_mode ("grid" or "coords"), room (a hand-written symbol grid,
-    enclosed by walls, used instead of generated puzzles). The puzzle a seed gives depends on
-    dim_room, num_boxes and max_steps too (the generator keeps puzzles that fit the budget).
+    Overrides: dim_room=(rows, cols) (default (6, 6), each 3..16), num_boxes (1, at most 6),
+    max_steps (10, at most 200: the action budget per episode), render_mode ("grid" or "coords"),
+    room (a hand-written symbol grid of at most 16x16, enclosed by walls, used instead of generated
+    puzzles; like a generated one it must be solvable within max_steps actions, and dim_room, if
+    given, must be its size). The puzzle a seed gives depends on dim_room, num_boxes and max_steps
+    too (the generator keeps puzzles that fit the budget).
     """
 
     ACTIONS = ("Up", "Down", "Left", "Right")
     SYMBOLS = {"wall": "#", "empty": "_", "target": "O", "box": "X", "box_on_target": "√",
                "player": "P", "player_on_target": "S"}
 
-    def __init__(self, dim_room=(6, 6), num_boxes=1, max_steps=10, render_mode="grid", room=None):
-        self.height, self.width = (_whole("dim_room", x) for x in dim_room)
-        self.num_boxes, self.max_steps = _whole("num_boxes", num_boxes), _whole("max_steps", max_steps)
-        if self.num_boxes < 1 or self.max_steps < 1:
-            raise ValueError("num_boxes and max_steps must be >= 1")
-        # the generator needs 2 * num_boxes + 4 floor cells inside the walls (a hand-written room has its own size)
-        if room is None and (self.height - 2) * (self.width - 2) < 2 * self.num_boxes + 4:
-            raise ValueError(f"dim_room {tuple(dim_room)} is too small for {self.num_boxes} box(es): the room "
-                             f"inside the walls needs at least {2 * self.num_boxes + 4} cells")
+    def __init__(self, dim_room=None, num_boxes=1, max_steps=10, render_mode="grid", room=None):
+        self.num_boxes = _whole("num_boxes", num_boxes, 1, MAX_BOXES)
+        self.max_steps = _whole("max_steps", max_steps, 1, MAX_STEPS)
         self.render_mode = _check_render_mode(render_mode)
-        self._fixed = None if room is None else self._parse_room(room)
+        if room is None:
+            self.height, self.width = _dim_room((6, 6) if dim_room is None else dim_room)
+            # the generator needs 2 * num_boxes + 4 floor cells inside the walls
+            if (self.height - 2) * (self.width - 2) < 2 * self.num_boxes + 4:
+                raise ValueError(f"dim_room {[self.height, self.width]} is too small for {self.num_boxes} box(es): "
+                                 f"the room inside the walls needs at least {2 * self.num_boxes + 4} cells")
+            self._fixed = None
+        else:
+            self._fixed = self._parse_room(room)  # sets height, width and num_boxes
+            if dim_room is not None and _dim_room(dim_room) != (self.height, self.width):
+                raise ValueError(f"dim_room {list(dim_room)} disagrees with the room, which is "
+                                 f"{self.height}x{self.width}: leave dim_room out")
         self._deltas = {"up": -self.width, "down": self.width, "left": -1, "right": 1}
         self._state = None
         self.done = False
@@ -305,7 +349,12 @@ class Sokoban:
             raise ValueError("Sokoban room: every box is already on a target (a solved puzzle)")
         self.num_boxes = len(boxes)
         walls = tuple(ch == "#" for ch in cells)
-        return walls, targets, boxes, players[0], None
+        # SPEC §2 holds generated puzzles to an optimal solution within the budget; a hand-written one
+        # too, or the evaluation oracle (which plays that solution) would have no move to make
+        plan = _solve_room(walls, self.width, targets, boxes, players[0], self.max_steps)
+        if plan is None:
+            raise ValueError(f"Sokoban room: no solution within max_steps={self.max_steps} actions")
+        return walls, targets, boxes, players[0], plan
 
     def reset(self, seed):
         seed = _check_seed(seed)
@@ -453,8 +502,10 @@ def _generate_frozenlake(seed, size, hole_prob, max_steps):
 class FrozenLake:
     """Walk from the start to the goal (G) without falling into a hole (O) on slippery ice.
 
-    Overrides: size (4), hole_prob (0.2), slippery (True), max_steps (10, the action budget),
-    render_mode ("grid" or "coords"), desc (a hand-written map using P for the start, G, O, _).
+    Overrides: size (4, at most 16), hole_prob (0.2, in [0, 1)), slippery (True), max_steps (10, at
+    most 200: the action budget), render_mode ("grid" or "coords"), desc (a hand-written map of at
+    most 16x16 using P for the start, G, O, _; like a generated map it needs a path from P to G
+    within max_steps moves, and size, if given, must be its size).
     With the same seed, the map and the slips for a given action sequence are the same (as with
     Gymnasium's FrozenLake reset with a seed): the samples of one puzzle in a PPO group, or in
     Pass@k, share their slips and differ only where their actions do.
@@ -464,30 +515,39 @@ class FrozenLake:
     SYMBOLS = {"player": "P", "frozen": "_", "hole": "O", "goal": "G", "player_in_hole": "X",
                "player_on_goal": "√"}
 
-    def __init__(self, size=4, hole_prob=0.2, slippery=True, max_steps=10, render_mode="grid",
+    def __init__(self, size=None, hole_prob=0.2, slippery=True, max_steps=10, render_mode="grid",
                  desc=None):
-        if not 0.0 <= hole_prob < 1.0:
-            raise ValueError(f"hole_prob must be in [0, 1), got {hole_prob}")
-        self.size, self.max_steps = _whole("size", size), _whole("max_steps", max_steps)
-        if self.size < 2 or self.max_steps < 1:
-            raise ValueError("size must be >= 2 and max_steps >= 1")
-        self.hole_prob, self.slippery = float(hole_prob), bool(slippery)
+        if isinstance(hole_prob, bool) or not isinstance(hole_prob, (int, float, np.integer, np.floating)):
+            raise TypeError(f"hole_prob must be a number in [0, 1), got {hole_prob!r}")
+        if not 0.0 <= hole_prob < 1.0:  # also refuses nan
+            raise ValueError(f"hole_prob must be a number in [0, 1), got {hole_prob!r}")
+        self.hole_prob, self.slippery = float(hole_prob), _flag("slippery", slippery)
+        self.max_steps = _whole("max_steps", max_steps, 1, MAX_STEPS)
         self.render_mode = _check_render_mode(render_mode)
+        self.size = 4 if size is None else _whole("size", size, 2, MAX_SIDE)
         self._fixed = None if desc is None else self._parse_desc(desc)
+        if desc is not None and size is not None and size != self.size:
+            raise ValueError(f"size {size} disagrees with desc, a {self.size}x{self.size} map: leave size out")
         self._state = None
         self.done = False
         self.actions_left = self.max_steps
 
     def _parse_desc(self, desc):
-        rows = _parse_grid(desc, "P_OG", "FrozenLake map")
+        rows = _parse_grid(desc, "P_OG", "FrozenLake desc")
         if len(rows) != len(rows[0]):
-            raise ValueError("FrozenLake map must be square")
+            raise ValueError("FrozenLake desc: the map must be square")
         self.size = len(rows)
         cells = "".join(rows)
         if cells.count("P") != 1 or cells.count("G") != 1:
-            raise ValueError("FrozenLake map needs exactly one P (start) and one G (goal)")
+            raise ValueError("FrozenLake desc: needs exactly one P (start) and one G (goal)")
         holes = frozenset(i for i, ch in enumerate(cells) if ch == "O")
-        return holes, cells.index("P"), cells.index("G")
+        start, goal = cells.index("P"), cells.index("G")
+        # the generator's rule (SPEC §2 guarantees a path from start to goal; it keeps one within the budget)
+        path = _shortest_path(self.size, holes, start, goal)
+        if path is None or len(path) > self.max_steps:
+            raise ValueError(f"FrozenLake desc: no path from P to G within max_steps={self.max_steps} moves"
+                             + ("" if path is None else f" (the shortest takes {len(path)})"))
+        return holes, start, goal
 
     def reset(self, seed):
         seed = _check_seed(seed)
@@ -817,16 +877,13 @@ class Sudoku:
     """Fill the empty cells of a 4x4 Sudoku. Action: "row,col,value", 1-indexed.
 
     Overrides: num_blanks (6, at most 12: a unique 4x4 puzzle needs at least 4 givens),
-    max_steps (50, the action budget), render_mode ("grid" or "coords"), puzzle (16 digits
+    max_steps (50, at most 200: the action budget), render_mode ("grid" or "coords"), puzzle (16 digits
     0-4 or '.', row-major, whitespace and '|' ignored; must have exactly one solution).
     """
 
     def __init__(self, num_blanks=6, max_steps=50, render_mode="grid", puzzle=None):
-        self.num_blanks, self.max_steps = _whole("num_blanks", num_blanks), _whole("max_steps", max_steps)
-        if not 1 <= self.num_blanks <= 12:
-            raise ValueError(f"num_blanks must be in 1..12, got {num_blanks}")
-        if self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
+        self.num_blanks = _whole("num_blanks", num_blanks, 1, 12)
+        self.max_steps = _whole("max_steps", max_steps, 1, MAX_STEPS)
         self.render_mode = _check_render_mode(render_mode)
         self._fixed = None if puzzle is None else self._parse_puzzle(puzzle)
         self._state = None

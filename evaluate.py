@@ -62,6 +62,7 @@ Things to know when reading a report:
   400 so that their responses are never cut; their outcomes depend on none of these.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -104,7 +105,7 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, help="largest k of pass@k (1, 2, 4, ... up to it; default: "
                                               "--samples, at most 8)")
     parser.add_argument("--val-seed-start", type=int, default=123, help="first validation puzzle seed (SPEC §3)")
-    parser.add_argument("--env-overrides", type=json.loads, default={},
+    parser.add_argument("--env-overrides", type=agent.json_object, default={},
                         help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' (as in rl.py)')
     # prompts and sampling (unset: the checkpoint's run_config.json, else the paper's settings)
     parser.add_argument("--mode", choices=agent.MODES, help="prompt format: worldmodel or base")
@@ -112,7 +113,7 @@ def parse_args(argv=None):
     parser.add_argument("--instruction", choices=tuple(agent.INSTRUCTIONS), help="wording of the env instruction")
     parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
     parser.add_argument("--max-context-tokens", type=int, default=3600, help="token budget per conversation")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--temperature", type=agent.finite_float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; also the bootstrap's")
     parser.add_argument("--batch-puzzles", type=int, default=32,
                         help="puzzles per rollout batch (x samples episodes decode together; memory)")
@@ -130,6 +131,15 @@ def parse_args(argv=None):
         parser.error("--max-response-tokens must be >= 1")
     if args.max_context_tokens < 1 or args.temperature < 0:
         parser.error("--max-context-tokens must be >= 1 and --temperature >= 0 (0: greedy)")
+    if args.val_seed_start < 0:
+        parser.error("--val-seed-start must be >= 0 (puzzle seeds)")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch sees no CUDA device here")
     if not args.model and not args.policy:
         parser.error("nothing to evaluate: give --model PATH and/or --policy random|oracle")
     if args.env_overrides and args.all_envs:
@@ -311,6 +321,22 @@ def episode_record(name, ep):
 # -----------------------------------------------------------------------------
 # Settings, checkpoints, the report
 
+def safetensors_problem(file):
+    """What is wrong with a .safetensors file, from its header alone (None: it is whole). The
+    format: 8 bytes of header length n, n bytes of JSON giving each tensor's byte range, the data."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= size - 8:
+            return f"truncated ({size} bytes, not even its header)"
+        try:
+            header = json.loads(f.read(n))
+            end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (its header is not one)"
+    return None if end == size else f"{size} bytes where its header promises {end}: truncated or corrupt"
+
+
 def checkpoint_settings(path, args):
     """(tokenizer, prompt settings) of a checkpoint; the settings are the flags, else its
     run_config.json, else the defaults of its preset. Fails with one line on a missing checkpoint
@@ -322,6 +348,13 @@ def checkpoint_settings(path, args):
         raise SystemExit(f"error: no checkpoint folder {path!r}")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: {path!r} is not a Hugging Face checkpoint folder (no config.json)")
+    if os.path.isdir(path):  # a truncated weights file fails now, not when its turn comes
+        weights = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+        if not weights and not any(name.endswith(".bin") for name in os.listdir(path)):
+            raise SystemExit(f"error: {path!r} holds no weights (no *.safetensors)")
+        for name in weights:
+            if problem := safetensors_problem(os.path.join(path, name)):
+                raise SystemExit(f"error: {path}/{name}: {problem}")
     try:
         tokenizer = agent.load_tokenizer(path)
     except agent.ModelLoadError as e:
@@ -342,6 +375,49 @@ def checkpoint_settings(path, args):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return tokenizer, settings
+
+
+def checkpoint_fingerprint(path):
+    """What stands for a checkpoint's contents when a finished row is reused: its folder's files
+    with their sizes and modification times (retrained in place, it is played again); a Hub id or
+    None as it is."""
+    if path is None or not os.path.isdir(path):
+        return path
+    files = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name)))
+    return [[name, (stat := os.stat(os.path.join(path, name))).st_size, stat.st_mtime_ns] for name in files]
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What stands for a tokenizer (its vocabulary and chat template) in a reference row's key: the
+    reference rows play through the first model's tokenizer, whatever its weights."""
+    text = json.dumps(sorted(tokenizer.get_vocab().items())) + str(tokenizer.chat_template)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+ROW_FLAGS = ("puzzles", "samples", "k", "val_seed_start", "env_overrides", "max_context_tokens", "temperature", "seed",
+             "batch_puzzles")  # the flags a row's numbers depend on (besides its policy, env and prompt settings)
+
+
+def row_key(args, device, name, env_name, settings, checkpoint):
+    """Everything a row's numbers depend on: a row played with the same key is the same row."""
+    return {"name": name, "env": env_name, "settings": settings, "checkpoint": checkpoint, "device": device.type,
+            **{flag: getattr(args, flag) for flag in ROW_FLAGS}}
+
+
+def earlier_rows(out, keys):
+    """The rows an earlier run in `out` finished with the same keys, {(name, env): (row, successes)};
+    played.jsonl and episodes.jsonl are rewritten to hold just those (a row cut off mid-way, or
+    played with other settings, is played again)."""
+    played_path, episodes_path = os.path.join(out, "played.jsonl"), os.path.join(out, "episodes.jsonl")
+    wanted = {json.dumps(key, sort_keys=True) for key in keys.values()}
+    played = [line for line in (agent.read_jsonl(played_path) if os.path.isfile(played_path) else [])
+              if json.dumps(line.get("key"), sort_keys=True) in wanted]
+    done = {(line["key"]["name"], line["key"]["env"]) for line in played}
+    agent.write_jsonl(played_path, played)
+    agent.write_jsonl(episodes_path, [r for r in (agent.read_jsonl(episodes_path) if os.path.isfile(episodes_path)
+                                                  else []) if (r.get("name"), r.get("env")) in done])
+    return {(line["key"]["name"], line["key"]["env"]):
+            (line["row"], {int(seed): samples for seed, samples in line["successes"].items()}) for line in played}
 
 
 LEGEND = ("pass@k: unbiased estimator over each puzzle's samples, averaged over puzzles; CI: 95% bootstrap over "
@@ -413,66 +489,90 @@ def main(argv=None):
                                                                PAPER_SETTINGS["max_response_tokens"])}
     config = {**vars(args), "envs": env_names, "ks": ks, "device": str(device), "reference_settings": ref_settings,
               "model_settings": {path: settings for path, (_, settings) in checkpoints.items()}}
+    budgets = {"the reference rows": ref_settings, **config["model_settings"]}
+    for name, settings in budgets.items():
+        if settings["max_response_tokens"] >= args.max_context_tokens:
+            raise SystemExit(f"error: {name}: a {settings['max_response_tokens']}-token response leaves no room for "
+                             f"its prompt in --max-context-tokens {args.max_context_tokens}")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
-    os.makedirs(args.out, exist_ok=True)
+    agent.make_run_dir(args.out)
+    for name in ("report.md", "report.json"):  # never an older run's report beside this run's episodes
+        if os.path.isfile(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
 
-    # 2. play: random first, then the models, the oracle last (one model in memory at a time)
+    # 2. play: random first, then the models, the oracle last (one model in memory at a time). Each
+    # finished row is kept in played.jsonl with its episodes in episodes.jsonl: a run started again
+    # (after a crash, or with more models) plays only the rows it does not find there
     policies = [("random", None)] * ("random" in references) + [(p, p) for p in checkpoints] + \
         [("oracle", None)] * ("oracle" in references)
+    keys = {(name, env_name): row_key(args, device, name, env_name, checkpoints[path][1] if path else ref_settings,
+                                      checkpoint_fingerprint(path) if path else tokenizer_fingerprint(ref_tokenizer))
+            for name, path in policies for env_name in env_names}  # in play order
+    reused = earlier_rows(args.out, keys)
+    played_path, episodes_path = os.path.join(args.out, "played.jsonl"), os.path.join(args.out, "episodes.jsonl")
     rows, successes = [], {}  # successes: (name, env) -> {puzzle seed: [success of each sample]}
     progress = tqdm(total=len(policies) * len(env_names), desc="evaluate", disable=None)
-    with open(os.path.join(args.out, "episodes.jsonl.tmp"), "w") as episodes_file:
-        for name, path in policies:
-            model = None
-            if path is not None:
-                try:
-                    model, tokenizer = agent.load_model(path, device=device)
-                except agent.ModelLoadError as e:
-                    raise SystemExit(f"error: {e}") from None
-                settings = checkpoints[path][1]
-            else:
-                tokenizer, settings = ref_tokenizer, ref_settings
-            for env_name in env_names:
-                start = time.perf_counter()
-                # every row starts from --seed: a row does not depend on which other rows are in the run
-                if name == "random":
-                    policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
-                elif name == "oracle":
-                    policy = oracle_policy(tokenizer, settings["mode"])
-                else:
-                    generator = torch.Generator(device=device).manual_seed(args.seed)
-                    policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
-                episodes = []
-                for i in range(0, len(seeds), args.batch_puzzles):
-                    episodes += agent.rollout(
-                        policy, tokenizer, env_name, seeds[i:i + args.batch_puzzles], args.samples,
-                        mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
-                        max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens,
-                        env_overrides=args.env_overrides)
-                exact = exact_success(env_name, name, seeds, args.env_overrides) if path is None else None
-                row = {"name": name, "env": env_name, **summarize(episodes, ks, settings["mode"], args.seed),
-                       "exact_success": exact, "settings": settings}
-                if path is None and row["truncated"]:
-                    tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token "
-                               f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "
-                               f"understates it", file=sys.stderr)
-                if cut := sum(ep.end_reason == "context" for ep in episodes):
-                    tqdm.write(f"warning: {name} on {env_name}: {cut} of {len(episodes)} episodes ended early "
-                               f"because a full {settings['max_response_tokens']}-token response no longer fit "
-                               f"in --max-context-tokens {args.max_context_tokens}", file=sys.stderr)
+    for name, path in policies:
+        model = None
+        if path is not None and any((name, env_name) not in reused for env_name in env_names):
+            try:
+                model = agent.load_model(path, device=device)[0]
+            except agent.ModelLoadError as e:
+                raise SystemExit(f"error: {e}") from None
+        tokenizer, settings = checkpoints[path] if path else (ref_tokenizer, ref_settings)
+        for env_name in env_names:
+            if (name, env_name) in reused:
+                row, row_successes = reused[name, env_name]
                 rows.append(row)
-                for ep in episodes:
-                    successes.setdefault((name, env_name), {}).setdefault(ep.seed, []).append(ep.success)
-                episodes_file.writelines(json.dumps(episode_record(name, ep), ensure_ascii=False) + "\n"
-                                         for ep in episodes)
+                successes[name, env_name] = row_successes
                 progress.update(1)
-                tqdm.write(f"{name} on {env_name}: pass@1 {row['pass@1']:.3f} ({time.perf_counter() - start:.1f}s)",
+                tqdm.write(f"{name} on {env_name}: pass@1 {row['pass@1']:.3f} (played before, {played_path})",
                            file=sys.stderr)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                continue
+            start = time.perf_counter()
+            # every row starts from --seed: a row does not depend on which other rows are in the run
+            if name == "random":
+                policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
+            elif name == "oracle":
+                policy = oracle_policy(tokenizer, settings["mode"])
+            else:
+                generator = torch.Generator(device=device).manual_seed(args.seed)
+                policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
+            episodes = []
+            for i in range(0, len(seeds), args.batch_puzzles):
+                episodes += agent.rollout(
+                    policy, tokenizer, env_name, seeds[i:i + args.batch_puzzles], args.samples,
+                    mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
+                    max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens,
+                    env_overrides=args.env_overrides)
+            exact = exact_success(env_name, name, seeds, args.env_overrides) if path is None else None
+            row = {"name": name, "env": env_name, **summarize(episodes, ks, settings["mode"], args.seed),
+                   "exact_success": exact, "settings": settings}
+            if path is None and row["truncated"]:
+                tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token "
+                           f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "
+                           f"understates it", file=sys.stderr)
+            if cut := sum(ep.end_reason == "context" for ep in episodes):
+                tqdm.write(f"warning: {name} on {env_name}: {cut} of {len(episodes)} episodes ended early "
+                           f"because a full {settings['max_response_tokens']}-token response no longer fit "
+                           f"in --max-context-tokens {args.max_context_tokens}", file=sys.stderr)
+            rows.append(row)
+            for ep in episodes:
+                successes.setdefault((name, env_name), {}).setdefault(ep.seed, []).append(ep.success)
+            with open(episodes_path, "a", encoding="utf-8") as f:  # the episodes first, then the row that they are
+                f.writelines(json.dumps(episode_record(name, ep), ensure_ascii=False) + "\n" for ep in episodes)
+            agent.append_jsonl(played_path, {"key": keys[name, env_name], "row": row,
+                                             "successes": successes[name, env_name]})
+            progress.update(1)
+            tqdm.write(f"{name} on {env_name}: pass@1 {row['pass@1']:.3f} ({time.perf_counter() - start:.1f}s)",
+                       file=sys.stderr)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     progress.close()
-    os.replace(os.path.join(args.out, "episodes.jsonl.tmp"), os.path.join(args.out, "episodes.jsonl"))
+    play_order = list(keys)  # episodes.jsonl in play order, however many runs played its rows
+    agent.write_jsonl(episodes_path, sorted(agent.read_jsonl(episodes_path),
+                                            key=lambda r: play_order.index((r["name"], r["env"]))))
 
     # 3. report: rows grouped by env, in policy order
     rows.sort(key=lambda r: env_names.index(r["env"]))

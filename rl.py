@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p("--out", required=True, help="run folder (created; an existing run there is resumed)")
     p("--seed", type=int, default=0,
       help="seed of rollouts, validation and the mini-batch order (the value head starts at 0)")
-    p("--env-overrides", type=json.loads, default={},
+    p("--env-overrides", type=agent.json_object, default={},
       help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' or \'{"max_steps": 1}\'')
     # rollout
     p("--mode", choices=agent.MODES,
@@ -103,10 +103,10 @@ def parse_args(argv=None):
     p("--instruction", choices=("full", "short"), help="wording of the env instruction")
     p("--env-groups", type=int, help="puzzles per step")
     p("--group-size", type=int, help="episodes per puzzle")
-    p("--keep-groups", type=float, default=0.25,
+    p("--keep-groups", type=agent.finite_float, default=0.25,
       help="fraction of groups kept, largest std of training rewards (score + world-model bonus) first "
            "(per rank under torchrun)")
-    p("--temperature", type=float, default=1.0,
+    p("--temperature", type=agent.finite_float, default=1.0,
       help="sampling temperature (> 0); the PPO ratio, entropy and KL use the same tempered distribution")
     p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")
     p("--max-response-tokens", type=int, help="tokens per turn")
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     # rewards
     p("--turn-rewards", action="store_true",
       help="each turn's reward on that turn's last token (default: the episode score on the last token)")
-    p("--worldmodel-reward", type=float, default=0.0,
+    p("--worldmodel-reward", type=agent.finite_float, default=0.0,
       help="online world-model RL: this bonus per turn for an exact <observation> and again for an exact "
            "<prediction> (needs --mode worldmodel)")
     p("--state-loss", action=argparse.BooleanOptionalAction,
@@ -131,17 +131,18 @@ def parse_args(argv=None):
     p("--ppo-epochs", type=int, default=1, help="passes over each step's batch")
     p("--mini-batch", type=int, help="sequences per optimiser step (over all ranks)")
     p("--micro-batch-tokens", type=int, help="padded tokens per forward/backward (memory)")
-    p("--actor-lr", type=float, help="actor learning rate")
-    p("--critic-lr", type=float, help="critic learning rate")
-    p("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p("--gamma", type=float, default=1.0, help="GAE discount")
-    p("--lam", type=float, default=1.0, help="GAE lambda")
-    p("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
-    p("--clip-high", type=float, default=0.28, help="PPO ratio clip above 1")
-    p("--value-clip", type=float, default=0.5, help="value clip around the old values")
-    p("--entropy-coef", type=float, default=0.001, help="entropy bonus")
-    p("--kl-coef", type=float, default=0.0, help="KL penalty to the starting policy (0: no reference model)")
-    p("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    p("--actor-lr", type=agent.finite_float, help="actor learning rate")
+    p("--critic-lr", type=agent.finite_float, help="critic learning rate")
+    p("--weight-decay", type=agent.finite_float, default=0.01, help="AdamW weight decay")
+    p("--gamma", type=agent.finite_float, default=1.0, help="GAE discount")
+    p("--lam", type=agent.finite_float, default=1.0, help="GAE lambda")
+    p("--clip-low", type=agent.finite_float, default=0.2, help="PPO ratio clip below 1")
+    p("--clip-high", type=agent.finite_float, default=0.28, help="PPO ratio clip above 1")
+    p("--value-clip", type=agent.finite_float, default=0.5, help="value clip around the old values")
+    p("--entropy-coef", type=agent.finite_float, default=0.001, help="entropy bonus")
+    p("--kl-coef", type=agent.finite_float, default=0.0,
+      help="KL penalty to the starting policy (0: no reference model)")
+    p("--grad-clip", type=agent.finite_float, default=1.0, help="gradient norm clip")
     p("--no-whiten", action="store_true", help="do not normalise advantages (over the batch's policy-loss tokens)")
     # memory
     p("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
@@ -174,6 +175,16 @@ def parse_args(argv=None):
         problems.append("--temperature must be > 0 (PPO needs a sampled policy)")
     if args.actor_lr <= 0 or args.critic_lr <= 0 or args.kl_coef < 0:
         problems.append("learning rates must be > 0 and --kl-coef >= 0")
+    if not (0 < args.clip_low < 1 and args.clip_high > 0 and args.value_clip > 0 and args.grad_clip > 0):
+        problems.append("need 0 < --clip-low < 1 and --clip-high, --value-clip, --grad-clip > 0")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+        problems.append("--gamma and --lam must be in [0, 1]")
+    if min(args.entropy_coef, args.worldmodel_reward, args.weight_decay) < 0:
+        problems.append("--entropy-coef, --worldmodel-reward and --weight-decay must be >= 0")
+    if min(args.train_seed_start, args.val_seed_start) < 0:
+        problems.append("--train-seed-start and --val-seed-start must be >= 0 (puzzle seeds)")
+    if args.max_response_tokens >= args.max_context_tokens:
+        problems.append("--max-response-tokens must be below --max-context-tokens (a turn's prompt needs room too)")
     if problem := agent.env_overrides_problem(args.env, args.env_overrides):
         problems.append(problem)
     if problems:
@@ -530,7 +541,7 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
             for model, optimizer, key in ((actor, actor_opt, "actor_grad_norm"), (critic, critic_opt,
                                                                                    "critic_grad_norm")):
                 all_reduce_grads(model)
-                stats[key] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+                stats[key] += agent.clip_gradients(model, args.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             stats["optimizer_steps"] += 1
@@ -708,12 +719,17 @@ def main(argv=None):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     state_path = os.path.join(args.out, "train_state.pt")
     if is_main:
-        os.makedirs(args.out, exist_ok=True)
+        agent.make_run_dir(args.out)
     if os.path.isfile(state_path):  # resuming: the same run or an error, on every rank, before any loading
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
         if changed:
             raise SystemExit(f"error: {args.out} holds a PPO run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")
+        with open(os.path.join(args.out, "run_config.json")) as f:
+            ranks_before = json.load(f).get("world_size", world)
+        if is_main and ranks_before != world:
+            print(f"warning: resuming a run of {ranks_before} ranks on {world}: each rank filters its own groups, "
+                  f"so the run continues, but not as it would have on {ranks_before}", file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
 
     # 1. models: the actor and the critic start from the same checkpoint (fp32 master weights;

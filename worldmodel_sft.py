@@ -65,6 +65,7 @@ PRESETS = {
                  eval_turns=200, pack={"frozenlake": True, "sokoban": True, "sudoku": False}, thought_trace=True),
 }
 LOSS_SPANS = ("all", "states", "no-states")
+HELDOUT_EVERY = 5  # every 5th puzzle of a self-play batch is held out: SPEC §4's 20%
 STATE_TARGETS = ("true", "shuffled")
 
 
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="HF id or folder to finetune (tiny preset: a fresh tiny model)")
     parser.add_argument("--out", required=True, help="run folder (created; an existing run there is resumed)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and the tiny model")
-    parser.add_argument("--env-overrides", type=json.loads, default={},
+    parser.add_argument("--env-overrides", type=agent.json_object, default={},
                         help='JSON of envs.make overrides for self-play, e.g. \'{"slippery": false}\'')
     # self-play data
     parser.add_argument("--data", help="train on this dataset.jsonl instead of playing")
@@ -102,17 +103,19 @@ def parse_args(argv=None):
                         help="one sequence per episode with the loss on all its turns, instead of one per turn "
                              "(the same loss in about 40%% of the compute; --batch-size then counts episodes)")
     parser.add_argument("--epochs", type=int, help="passes over the training turns")
-    parser.add_argument("--max-train-tokens", type=float,
+    parser.add_argument("--max-train-tokens", type=agent.finite_float,
                         help="stop once this many tokens (each batch padded to its longest sequence) were trained "
                              "on; the schedule ends there")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step")
     parser.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward (memory)")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine schedule floor, times --lr")
-    parser.add_argument("--warmup", type=float, default=0.1, help="warm-up, fraction of all steps")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    parser.add_argument("--lr", type=agent.finite_float, help="peak learning rate")
+    parser.add_argument("--min-lr-ratio", type=agent.finite_float, default=0.0,
+                        help="cosine schedule floor, times --lr")
+    parser.add_argument("--warmup", type=agent.finite_float, default=0.1, help="warm-up, fraction of all steps")
+    parser.add_argument("--weight-decay", type=agent.finite_float, default=0.01,
+                        help="AdamW weight decay (matrices only)")
+    parser.add_argument("--betas", type=agent.finite_float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    parser.add_argument("--grad-clip", type=agent.finite_float, default=1.0, help="gradient norm clip")
     parser.add_argument("--max-length", type=int, default=2048, help="longer examples are dropped")
     parser.add_argument("--save-every", type=int, default=100, help="optimiser steps between resumable saves")
     # evaluation
@@ -124,10 +127,24 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.env] if isinstance(value, dict) else value)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or not 0 <= args.warmup < 1 \
-            or args.heldout_loss_turns < 0 or args.eval_turns < 1 or args.save_every < 1:
-        parser.error("need --epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --warmup < 1, "
-                     "--heldout-loss-turns >= 0, --eval-turns >= 1 and --save-every >= 1")
+    counts = ("epochs", "batch_size", "eval_turns", "save_every", "max_length", "micro_batch_tokens",
+              "max_response_tokens")
+    if args.data is None:  # self-play
+        counts += ("batches", "group_size")
+    checks = [(getattr(args, name) >= 1, f"--{name.replace('_', '-')} >= 1") for name in counts] + [
+        (args.data is not None or args.env_groups >= HELDOUT_EVERY,
+         f"--env-groups >= {HELDOUT_EVERY} (every {HELDOUT_EVERY}th puzzle of a batch is held out)"),
+        (args.train_seed_start >= 0, "--train-seed-start >= 0"),
+        (args.lr > 0, "--lr > 0"),
+        (0 <= args.warmup < 1, "0 <= --warmup < 1"),
+        (0 <= args.min_lr_ratio <= 1, "0 <= --min-lr-ratio <= 1"),
+        (args.weight_decay >= 0, "--weight-decay >= 0"),
+        (all(0 <= beta < 1 for beta in args.betas), "0 <= --betas < 1"),
+        (args.grad_clip > 0, "--grad-clip > 0"),
+        (args.max_train_tokens is None or args.max_train_tokens > 0, "--max-train-tokens > 0"),
+        (args.heldout_loss_turns >= 0, "--heldout-loss-turns >= 0")]
+    if needs := [need for ok, need in checks if not ok]:
+        parser.error("need " + ", ".join(needs))
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
     if problem := agent.env_overrides_problem(args.env, args.env_overrides):
@@ -138,7 +155,7 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Self-play data: play, rewrite each turn with the true states, one example per kept turn
 
-def examples_from_episodes(episodes, heldout_every=5, thought_trace=False):
+def examples_from_episodes(episodes, heldout_every=HELDOUT_EVERY, thought_trace=False):
     """One example per assistant turn whose response follows the world-model format
     (agent.parse_response: the observation and prediction spans, and an answer with actions).
 
@@ -175,6 +192,46 @@ def examples_from_episodes(episodes, heldout_every=5, thought_trace=False):
             if 2 * k + 3 < len(ep.messages):  # the next user message, if the episode went on
                 messages.append(ep.messages[2 * k + 3])
             history.append(turn["executed"])
+    return examples
+
+
+SELFPLAY_STATE = "selfplay_state.pt"  # beside dataset.jsonl.partial while self-play runs
+
+
+def self_play(args, model, tokenizer, device, data_path):
+    """--batches self-play batches of --env-groups puzzles x --group-size episodes, each turn one
+    example; written to data_path at the end. After every batch its examples and the sampling
+    state are saved beside it, so an interrupted self-play continues with the batch it was playing
+    and gives the same dataset as one that ran through."""
+    partial_path, state_path = data_path + ".partial", os.path.join(args.out, SELFPLAY_STATE)
+    rng = random.Random(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    policy = (agent.random_policy(tokenizer, rng, "worldmodel") if args.behaviour == "random" else
+              agent.model_policy(model, tokenizer, temperature=1.0, generator=generator))
+    examples, first_batch = [], 0
+    if os.path.isfile(state_path) and os.path.isfile(partial_path):
+        def restore(state):
+            rng.setstate(state["rng"])
+            generator.set_state(state["generator"])
+        state = agent.resume_train_state(state_path, ("batches", "examples", "rng", "generator"), restore,
+                                         "worldmodel_sft.py's self-play")
+        examples, first_batch = agent.read_jsonl(partial_path)[:state["examples"]], state["batches"]
+        print(f"self-play: resuming at batch {first_batch} with {len(examples)} turns kept", flush=True)
+    agent.write_jsonl(partial_path, examples)
+    for batch in tqdm(range(first_batch, args.batches), desc="self-play", disable=None):
+        first = args.train_seed_start + batch * args.env_groups
+        episodes = agent.rollout(policy, tokenizer, args.env, list(range(first, first + args.env_groups)),
+                                 args.group_size, mode="worldmodel", render="coords",
+                                 instruction=args.instruction, max_response_tokens=args.max_response_tokens,
+                                 env_overrides=args.env_overrides)
+        batch_examples = examples_from_episodes(episodes, thought_trace=args.thought_trace)
+        with open(partial_path, "a", encoding="utf-8") as f:  # the examples first, then the state that counts them
+            f.writelines(json.dumps(example) + "\n" for example in batch_examples)
+        examples += batch_examples
+        agent.save_train_state(state_path, {"batches": batch + 1, "examples": len(examples), "rng": rng.getstate(),
+                                            "generator": generator.get_state()})
+    os.replace(partial_path, data_path)
+    os.remove(state_path)
     return examples
 
 
@@ -241,12 +298,15 @@ def read_dataset(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: dataset {path!r} does not exist")
     examples = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 example = json.loads(line)
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: {path}:{number} is not UTF-8 text; the dataset is corrupt") from None
             except json.JSONDecodeError as e:
                 raise SystemExit(f"error: {path}:{number} is not valid JSON ({e.msg}); the dataset is corrupt") \
                     from None
@@ -256,7 +316,8 @@ def read_dataset(path):
                                  f"not a dataset written by this script")
             if not isinstance(example.get("trace", ""), str):
                 raise SystemExit(f"error: {path}:{number}: the thought trace is not a string")
-            wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(example[k], kind)]
+            wrong = [k for k, kind in FIELD_TYPES.items()
+                     if not isinstance(example[k], kind) or (kind is int and isinstance(example[k], bool))]
             if "messages" not in wrong and not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                    and isinstance(m.get("content"), str) for m in example["messages"]):
                 wrong.append("messages")
@@ -271,6 +332,8 @@ def read_dataset(path):
             if example["env"] not in envs.ENVS or example["split"] not in ("train", "heldout"):
                 raise SystemExit(f"error: {path}:{number}: unknown env {example['env']!r} "
                                  f"or split {example['split']!r}")
+            if example["seed"] < 0:
+                raise SystemExit(f"error: {path}:{number}: seed {example['seed']} (puzzle seeds are >= 0)")
             examples.append(example)
     if not examples:
         raise SystemExit(f"error: dataset {path!r} is empty")
@@ -443,10 +506,10 @@ def train_step(model, optimizer, encoded, batch, lengths, pad_id, device, autoca
         (loss_sum / n_loss_tokens).backward()
         total_loss += loss_sum.item()
         computed += ids.numel()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = agent.clip_gradients(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss / n_loss_tokens, computed, float(grad_norm)
+    return total_loss / n_loss_tokens, computed, grad_norm
 
 
 def planned_steps(lengths, args):
@@ -556,12 +619,13 @@ def resume(path, model, optimizer):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    agent.make_run_dir(args.out)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     state_path = os.path.join(args.out, "train_state.pt")
     data_path = os.path.join(args.out, "dataset.jsonl")
     config = agent.run_config(args)
-    if os.path.isfile(state_path) or os.path.isfile(data_path):  # resuming, or reusing the self-play data
+    if any(os.path.isfile(path) for path in (state_path, data_path, os.path.join(args.out, SELFPLAY_STATE))):
+        # resuming training or self-play, or reusing the self-play data: only with the same settings
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
         if changed:
             raise SystemExit(f"error: {args.out} holds an SFT run that these flags cannot continue ({changed}); "
@@ -589,38 +653,35 @@ def main(argv=None):
             raise SystemExit(f"error: {args.data or data_path} holds {', '.join(foreign)} turns, not {args.env}; "
                              f"pass the --env it was made for")
     else:
-        rng = random.Random(args.seed)
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        policy = (agent.random_policy(tokenizer, rng, "worldmodel") if args.behaviour == "random" else
-                  agent.model_policy(model, tokenizer, temperature=1.0, generator=generator))
-        examples = []
-        for batch in tqdm(range(args.batches), desc="self-play", disable=None):
-            first = args.train_seed_start + batch * args.env_groups
-            episodes = agent.rollout(policy, tokenizer, args.env, list(range(first, first + args.env_groups)),
-                                     args.group_size, mode="worldmodel", render="coords",
-                                     instruction=args.instruction, max_response_tokens=args.max_response_tokens,
-                                     env_overrides=args.env_overrides)
-            examples += examples_from_episodes(episodes, thought_trace=args.thought_trace)
-        agent.write_jsonl(data_path, examples)
+        examples = self_play(args, model, tokenizer, device, data_path)
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
     train = [ex for ex in examples if ex["split"] == "train"]
     heldout = [ex for ex in examples if ex["split"] == "heldout"]
     if not train or not heldout:
         raise SystemExit(f"error: no {'training' if not train else 'held-out'} turns (every turn broke the "
                          f"format? or fewer than 5 puzzles per self-play batch, --env-groups, hold none out)")
+    for example in heldout:  # the evaluation after training replays them: a bad one fails now, not then
+        try:
+            env_at_turn(example)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {args.data or data_path}: held-out turn {example['env']}/{example['seed']}/"
+                             f"turn {example['turn']} does not replay: {e}") from None
     if args.state_targets == "shuffled":  # held-out turns keep the truth: they measure the world model
         train = shuffled_states(train, random.Random(f"{args.seed}-states"))
 
     # 3. tokenise: one sequence per turn, or per episode with --pack; drop what does not fit
     sequences = conversations(train) if args.pack else [[ex] for ex in train]
-    encoded = [e for e in (encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences)
-               if len(e[0]) <= args.max_length]
+    heldout_sample = random.Random(f"{args.seed}-heldout").sample(heldout, min(args.heldout_loss_turns, len(heldout)))
+    try:  # a response without its spans, say: the dataset's fault, said in one line
+        encoded = [e for e in (encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences)
+                   if len(e[0]) <= args.max_length]
+        heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout_sample)
+                           if len(e[0]) <= args.max_length]
+    except ValueError as e:
+        raise SystemExit(f"error: {args.data or data_path}: {e}") from None
     lengths = [len(e[0]) for e in encoded]
     if not encoded:
         raise SystemExit(f"error: no training sequence fits in --max-length {args.max_length}")
-    heldout_sample = random.Random(f"{args.seed}-heldout").sample(heldout, min(args.heldout_loss_turns, len(heldout)))
-    heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout_sample)
-                       if len(e[0]) <= args.max_length]
     total_steps = planned_steps(lengths, args)
     print(f"train: {len(train)} turns in {len(sequences)} sequences ({len(sequences) - len(encoded)} over "
           f"--max-length dropped), {sum(lengths)} tokens; held out: {len(heldout)} turns; {total_steps} steps",

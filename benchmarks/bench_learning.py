@@ -97,10 +97,19 @@ def run_stage(name, done_path, stage, argv):
         log(f"{name}: done before ({done_path})")
         return
     log(f"{name}: {' '.join(argv)}")
+    timed_stage(name, stage, argv)
+
+
+def timed_stage(name, stage, argv):
+    """stage.main(argv), its printing to stderr; its time is added to the benchmark folder's
+    stage_times.jsonl, whose sum is the summary's minutes (an interrupted benchmark's too)."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         stage.main(argv)
-    log(f"{name}: {time.perf_counter() - start:.0f}s")
+    seconds = time.perf_counter() - start
+    agent.append_jsonl(os.path.join(os.path.dirname(stage.parse_args(argv).out), "stage_times.jsonl"),
+                       {"stage": name, "seconds": round(seconds, 1)})
+    log(f"{name}: {seconds:.0f}s")
 
 
 def ppo_seeds(args):
@@ -186,7 +195,7 @@ def parse_args(argv=None):
                              "evaluated on those same puzzles (0: new puzzles every step, unseen ones in evaluation)")
     parser.add_argument("--ppo-seeds", type=int, help="PPO runs per arm, seeds --seed, --seed + 1, ... "
                                                       "(default: 3 with --fixed-maps, else 1)")
-    parser.add_argument("--kl-coef", type=float,
+    parser.add_argument("--kl-coef", type=agent.finite_float,
                         help="rl.py --kl-coef for every PPO run: a KL penalty to the run's SFT checkpoint over "
                              f"all response tokens, the states too (default: {FIXED_MAPS_KL_COEF} with --fixed-maps, "
                              "else the tiny preset's, 0)")
@@ -216,20 +225,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out = args.out
-    os.makedirs(out, exist_ok=True)
+    agent.make_run_dir(out)
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     log(json.dumps(vars(args), sort_keys=True))
     stages = stage_argvs(args, out)
     runs = {arm: [run_name(arm, seed, args) for seed in ppo_seeds(args)] for arm in ARMS}
-    start = time.perf_counter()
 
     run_stage("sft-spa", path("sft-spa", "eval.json"), worldmodel_sft, stages["sft-spa"])
     run_stage("sft-vanilla", path("sft-vanilla", "eval.json"), worldmodel_sft, stages["sft-vanilla"])
     for stage in (stage for stage in stages if stage.startswith("rl-")):
         run_stage(stage, path(stage, "model"), rl, stages[stage])
-    log(f"evaluate: {' '.join(stages['evaluate'])}")
-    with contextlib.redirect_stdout(sys.stderr):
-        evaluate.main(stages["evaluate"])
+    log(f"evaluate: {' '.join(stages['evaluate'])}")  # plays only the rows it has not played before
+    timed_stage("evaluate", evaluate, stages["evaluate"])
     with open(path("eval", "report.json")) as f:
         evaluation = json.load(f)
     model_name = {path(name, "model"): name for name in ("sft-spa", "sft-vanilla")}
@@ -266,7 +273,7 @@ def main(argv=None):
         # spa - vanilla per PPO seed, with its interval over each map's samples (the maps fixed)
         summary["spa_minus_vanilla_seeds"] = [
             [d["pass@1_diff"], *d["ci_samples"]] for d in differences if d["b"] in runs["vanilla"]]
-    summary["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    summary["minutes"] = round(sum(r["seconds"] for r in agent.read_jsonl(path("stage_times.jsonl"))) / 60, 1)
 
     # the report: the table, the paired differences, the learning curves
     lines = ["| run | pass@1 [95% CI] | pass@8 [95% CI] | format valid | obs. exact | pred. exact (best) |",

@@ -1,4 +1,4 @@
-"""benchmarks/bench_learning.py: the stages it runs (fast), and --quick end to end (slow: about 9 minutes,
+"""benchmarks/bench_learning.py: the stages it runs (fast), and --quick end to end (slow: 4 to 8 minutes,
 and 3 to 4 with --fixed-maps 2 --ppo-seeds 2).
 
 --quick is a check of the pipeline, not of learning: its SFT is too short for the tiny model to
@@ -232,6 +232,14 @@ def test_quick_comparison_runs_every_stage_and_reports_every_figure(tmp_path):
     table = open(tmp_path / "report.md").read()
     for name in ("random", "sft-vanilla", "sft-spa", "vanilla", "online", "spa", "oracle"):
         assert f"| {name} |" in table
+    # the finished benchmark started again: no stage runs, no row is played, the same figures
+    again = subprocess.run(result.args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("done before") == 5 and again.stderr.count("played before") == 7
+    summary_again = json.loads(again.stdout.strip().splitlines()[-1])
+    assert {**summary_again, "minutes": None} == {**summary, "minutes": None}
+    assert summary["minutes"] <= summary_again["minutes"] <= summary["minutes"] + 0.2
 
 
 @pytest.mark.slow

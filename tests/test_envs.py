@@ -126,23 +126,23 @@ def test_pieces_say_where_the_grid_draws_them(name):
 
 ROOM = """\
 #######
-#_P_X_#
-#__O__#
+#_P___#
+#__OX_#
 #_____#
 #######"""
 
 
 def test_sokoban_every_symbol_and_sentences():
-    room = "######\n#_X__#\n#√_S_#\n#_XO_#\n######"  # wall, empty, box, box on target, player on target, target
+    room = "#######\n#_____#\n#_X_S_#\n#√__XO#\n#######"  # wall, empty, box, box on target, player on target, target
     env = envs.make("sokoban", room=room)
     assert env.reset(0) == room
     assert env.render("coords") == room + (
-        "\nPlayer (P) is at (2,3); boxes (X) are at (1,2), (2,1), (3,2); targets (O) are at (2,1), (2,3), (3,3).")
+        "\nPlayer (P) is at (2,4); boxes (X) are at (2,2), (3,1), (3,4); targets (O) are at (2,4), (3,1), (3,5).")
     env.step("Right")  # the player leaves its target: S -> O, and shows as P
-    assert env.render() == "######\n#_X__#\n#√_OP#\n#_XO_#\n######"
+    assert env.render() == "#######\n#_____#\n#_X_OP#\n#√__XO#\n#######"
     env = envs.make("sokoban", room=ROOM)
     env.reset(0)
-    assert env.render("coords") == ROOM + "\nPlayer (P) is at (1,2); box (X) is at (1,4); target (O) is at (2,3)."
+    assert env.render("coords") == ROOM + "\nPlayer (P) is at (1,2); box (X) is at (2,4); target (O) is at (2,3)."
 
 
 def test_sokoban_bad_rooms():
@@ -176,16 +176,91 @@ def test_bad_overrides_are_refused_not_rounded(name, overrides, error, message):
         envs.make(name, **overrides)
 
 
+# what a JSON --env-overrides can hold by mistake: each is refused by name, not with a Python internal
+@pytest.mark.parametrize("name, overrides, error, message", [
+    ("frozenlake", {"slippery": "false"}, TypeError, "slippery must be true or false"),  # bool("false") is True
+    ("frozenlake", {"slippery": 0.5}, TypeError, "slippery must be true or false"),
+    ("frozenlake", {"slippery": 0}, TypeError, "slippery must be true or false"),
+    ("frozenlake", {"hole_prob": "0.5"}, TypeError, r"hole_prob must be a number in \[0, 1\)"),
+    ("frozenlake", {"hole_prob": True}, TypeError, r"hole_prob must be a number in \[0, 1\)"),
+    ("frozenlake", {"hole_prob": 1}, ValueError, r"hole_prob must be a number in \[0, 1\)"),
+    ("frozenlake", {"hole_prob": float("nan")}, ValueError, r"hole_prob must be a number in \[0, 1\)"),
+    ("sokoban", {"dim_room": 6}, TypeError, r"dim_room must be \[rows, cols\]"),
+    ("sokoban", {"dim_room": [6, 6, 6]}, TypeError, r"dim_room must be \[rows, cols\]"),
+    ("sokoban", {"dim_room": "66"}, TypeError, r"dim_room must be \[rows, cols\]"),
+    ("sokoban", {"dim_room": [6, "6"]}, TypeError, "dim_room must be a whole number"),
+    ("frozenlake", {"desc": 5}, TypeError, "FrozenLake desc must be a list of row strings or one string with newlines"),
+    ("frozenlake", {"desc": ["P_", 5]}, TypeError, "FrozenLake desc must be a list of row strings"),
+    ("sokoban", {"room": 5}, TypeError, "Sokoban room must be a list of row strings or one string with newlines"),
+])
+def test_bad_override_types_name_the_setting(name, overrides, error, message):
+    with pytest.raises(error, match=message):
+        envs.make(name, **overrides)
+
+
+def test_bool_and_list_overrides_as_json_gives_them():
+    assert envs.make("frozenlake", slippery=False).slippery is False
+    assert envs.make("frozenlake", slippery=True).slippery is True
+    env = envs.make("sokoban", dim_room=[7, 8])  # a JSON array
+    assert len(env.reset(0).split("\n")) == 7
+    assert envs.make("frozenlake", hole_prob=0).hole_prob == 0.0  # an int is a number too
+
+
+# upper bounds far above any real use, so that a typo is an error and not a reset that runs for minutes
+@pytest.mark.parametrize("name, overrides, message", [
+    ("frozenlake", {"size": 3000}, r"size must be in 2\.\.16, got 3000"),
+    ("frozenlake", {"size": 1}, r"size must be in 2\.\.16, got 1"),
+    ("frozenlake", {"max_steps": 201}, r"max_steps must be in 1\.\.200, got 201"),
+    ("sokoban", {"max_steps": 10**6}, r"max_steps must be in 1\.\.200, got 1000000"),
+    ("sokoban", {"max_steps": 0}, r"max_steps must be in 1\.\.200, got 0"),
+    ("sokoban", {"dim_room": [300, 300]}, r"dim_room must be in 3\.\.16, got 300"),
+    ("sokoban", {"dim_room": [-5, -5]}, r"dim_room must be in 3\.\.16, got -5"),  # once crashed in reset
+    ("sokoban", {"num_boxes": 7}, r"num_boxes must be in 1\.\.6, got 7"),
+    ("sudoku", {"max_steps": 201}, r"max_steps must be in 1\.\.200, got 201"),
+    ("frozenlake", {"desc": ["P" + "_" * 16] + ["_" * 17] * 15 + ["_" * 16 + "G"]}, "at most 16x16 cells, got 17x17"),
+    ("sokoban", {"room": "#" * 17 + "\n#PXO" + "_" * 12 + "#\n" + "#" * 17}, "at most 16x16 cells, got 3x17"),
+])
+def test_sizes_are_bounded(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        envs.make(name, **overrides)
+
+
+def test_size_bounds_admit_their_extremes():
+    for name, overrides in (("frozenlake", {"size": 16, "max_steps": 200}),
+                            ("sokoban", {"dim_room": (16, 16), "num_boxes": 6, "max_steps": 200}),
+                            ("sudoku", {"max_steps": 200})):
+        env = envs.make(name, **overrides)
+        env.reset(0)
+        assert env.actions_left == 200
+
+
+def test_sokoban_room_must_be_solvable_within_budget():
+    # SPEC §2: a generated puzzle's optimal solution fits the budget; the evaluation oracle plays it
+    with pytest.raises(ValueError, match="Sokoban room: no solution within max_steps=10 actions"):
+        envs.make("sokoban", room="######\n#X__O#\n#_P__#\n######")  # the box is in a corner
+    with pytest.raises(ValueError, match="Sokoban room: no solution within max_steps=4 actions"):
+        envs.make("sokoban", room=ROOM, max_steps=4)  # its optimal solution takes 5
+    env = envs.make("sokoban", room=ROOM, max_steps=5)
+    env.reset(0)
+    assert len(env.solve()) == 5
+
+
+def test_sokoban_dim_room_must_agree_with_a_room():
+    envs.make("sokoban", room=ROOM, dim_room=[5, 7])
+    with pytest.raises(ValueError, match=r"dim_room \[6, 6\] disagrees with the room, which is 5x7"):
+        envs.make("sokoban", room=ROOM, dim_room=[6, 6])
+
+
 def test_sokoban_moves_walls_and_step_penalty():
     env = envs.make("sokoban", room=ROOM)
     env.reset(0)
     text, reward, done, info = env.step("Left")
     assert reward == pytest.approx(-0.1) and not done
     assert info == {"success": False, "action_is_valid": True, "action_is_effective": True}
-    assert text.split("\n")[1] == "#P__X_#"
+    assert text.split("\n")[1] == "#P____#"
     text, reward, done, info = env.step("left")  # into the wall: nothing moves, still a step
     assert reward == pytest.approx(-0.1) and info["action_is_valid"] and not info["action_is_effective"]
-    assert text.split("\n")[1] == "#P__X_#"
+    assert text.split("\n")[1] == "#P____#"
     _, _, _, info = env.step("  UP ")  # case and surrounding spaces do not matter; wall above too
     assert info["action_is_valid"] and not info["action_is_effective"] and env.actions_left == 7
 
@@ -203,11 +278,11 @@ def test_sokoban_push_onto_target_finishes():
 
 def test_sokoban_box_off_target_and_target_to_target():
     # two boxes, one on a target: pushing it off costs -1 on top of the step penalty
-    env = envs.make("sokoban", room="#######\n#P√__X#\n#___O_#\n#######")
+    env = envs.make("sokoban", room="#######\n#P√___#\n#___XO#\n#_____#\n#######")
     env.reset(0)
     text, reward, done, info = env.step("Right")
     assert reward == pytest.approx(-0.1 - 1.0) and not done and info["action_is_effective"]
-    assert text == "#######\n#_SX_X#\n#___O_#\n#######"
+    assert text == "#######\n#_SX__#\n#___XO#\n#_____#\n#######"
     # pushed from one target straight onto another: -1 + 1
     env = envs.make("sokoban", room="######\n#P√O_#\n#_X__#\n#____#\n######")
     env.reset(0)
@@ -216,13 +291,13 @@ def test_sokoban_box_off_target_and_target_to_target():
 
 
 def test_sokoban_box_into_box_and_box_into_wall():
-    room = "#######\n#PXX_O#\n#____O#\n#######"
+    room = "######\n#____#\n#PXXO#\n#__O_#\n######"
     env = envs.make("sokoban", room=room)
     env.reset(0)
     text, reward, done, info = env.step("Right")
     assert text == room and reward == pytest.approx(-0.1) and not done
     assert info["action_is_valid"] and not info["action_is_effective"]
-    room = "####\n#PX#\n#_O#\n####"
+    room = "####\n#__#\n#PX#\n#_O#\n####"
     env = envs.make("sokoban", room=room)
     env.reset(0)
     text, reward, _, info = env.step("Right")
@@ -283,9 +358,10 @@ def test_sokoban_solver_is_optimal():
     env = envs.make("sokoban", room="#######\n#O_X__#\n#___P_#\n#######")
     env.reset(0)
     assert env.solve() == ["Up", "Left", "Left"]
-    env = envs.make("sokoban", room="#####\n#P#O#\n#X###\n#####")
+    env = envs.make("sokoban", room=ROOM)
     env.reset(0)
-    assert env.solve() is None  # the box is stuck in a corner
+    play(env, ["Right", "Right", "Down"])  # the box, pushed against the bottom wall, can never come back up
+    assert env.solve() is None
 
 
 # -----------------------------------------------------------------------------
@@ -298,13 +374,25 @@ def test_frozenlake_symbols_and_sentences():
     assert env.render("coords") == "\n".join(desc) + "\nPlayer (0,0); holes at (0,2) and (2,1); goal at (3,3)."
     for desc, sentence in [(["P_", "OG"], "Player (0,0); hole at (1,0); goal at (1,1)."),
                            (["P_", "_G"], "Player (0,0); no holes; goal at (1,1)."),
-                           (["PO_", "O__", "O_G"], "Player (0,0); holes at (0,1), (1,0) and (2,0); goal at (2,2).")]:
+                           (["P_O", "O__", "O_G"], "Player (0,0); holes at (0,2), (1,0) and (2,0); goal at (2,2).")]:
         env = envs.make("frozenlake", desc=desc)
         env.reset(0)
         assert env.render("coords").split("\n")[-1] == sentence
     for bad in (["P_", "__"], ["P_G", "___"], ["PP", "_G"], ["P?", "_G"]):
         with pytest.raises(ValueError):
             envs.make("frozenlake", desc=bad)
+
+
+def test_frozenlake_desc_needs_a_path_and_agrees_with_size():
+    # SPEC §2 guarantees generated maps a path from start to goal (within the budget): hand-written ones too
+    with pytest.raises(ValueError, match="FrozenLake desc: no path from P to G within max_steps=10 moves$"):
+        envs.make("frozenlake", desc=["P_O", "_O_", "O_G"])
+    with pytest.raises(ValueError, match=r"no path from P to G within max_steps=5 moves \(the shortest takes 6\)"):
+        envs.make("frozenlake", desc=["P___", "____", "____", "___G"], max_steps=5)
+    assert envs.make("frozenlake", desc=["P___", "____", "____", "___G"], max_steps=6).size == 4
+    with pytest.raises(ValueError, match="size 7 disagrees with desc, a 3x3 map"):
+        envs.make("frozenlake", desc=["P__", "___", "__G"], size=7)
+    assert envs.make("frozenlake", desc=["P__", "___", "__G"], size=3).size == 3
 
 
 def test_frozenlake_hole_goal_edges_non_slippery():

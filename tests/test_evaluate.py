@@ -289,6 +289,45 @@ def test_model_rows_are_reproducible_and_complete(tmp_path, capsys, tiny_dir):
     assert (tmp_path / "c" / "out" / "episodes.jsonl").read_text() != (out / "episodes.jsonl").read_text()
 
 
+def test_a_run_started_again_plays_only_the_rows_it_lacks(tmp_path, capsys, tiny_dir, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    argv = ["--env", "sokoban", "--model", str(model), "--puzzles", "2", "--samples", "2", "--k", "2",
+            "--max-response-tokens", "8"]
+    rows, out = run(tmp_path / "a", capsys, *argv)
+    played = []  # rollout calls: one per row here (2 puzzles < --batch-puzzles)
+    rollout = agent.rollout
+    monkeypatch.setattr(agent, "rollout", lambda *a, **k: played.append(a[2]) or rollout(*a, **k))
+    append = agent.append_jsonl
+
+    def crash_after_two_rows(path, row):  # random and the model done; the oracle's row not yet
+        append(path, row)
+        if path.endswith("played.jsonl") and len(agent.read_jsonl(path)) == 2:
+            with open(path, "a") as f:
+                f.write('{"key": {"na')  # and a line half written
+            raise KeyboardInterrupt
+    monkeypatch.setattr(agent, "append_jsonl", crash_after_two_rows)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main([*argv, "--out", str(tmp_path / "b" / "out")])
+    monkeypatch.setattr(agent, "append_jsonl", append)
+    assert len(played) == 2
+    resumed, out_b = run(tmp_path / "b", capsys, *argv)
+    assert resumed == rows and len(played) == 3  # only the oracle's row was played
+    for name in ("report.md", "episodes.jsonl"):
+        assert (out_b / name).read_text() == (out / name).read_text(), name
+    # finished: nothing is played again; a checkpoint rewritten in place is
+    assert run(tmp_path / "b", capsys, *argv)[0] == rows and len(played) == 3
+    stat = os.stat(model / "model.safetensors")
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert run(tmp_path / "b", capsys, *argv)[0] == rows and len(played) == 4
+    # the model's row with another budget: played again, its old row and episodes gone (the reference
+    # rows keep theirs: they depend on the tokenizer and their own settings, not the model's)
+    other, _ = run(tmp_path / "b", capsys, *argv[:-1], "12")
+    assert len(played) == 5 and row(other, str(model))["settings"]["max_response_tokens"] == 12
+    assert len((out_b / "episodes.jsonl").read_text().splitlines()) == 3 * 2 * 2
+    assert len((out_b / "played.jsonl").read_text().splitlines()) == 3
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one line, before any work
 
@@ -299,9 +338,24 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
     config = json.loads((no_template / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:-100])
     out = tmp_path / "out"
     cases = {
         "invalid choice: 'chess'": ["--env", "chess", "--policy", "random"],
+        "truncated or corrupt": ["--env", "sokoban", "--model", tiny_dir, "--model", str(truncated)],
+        "leaves no room for its prompt": ["--env", "sokoban", "--model", tiny_dir, "--max-response-tokens", "5000"],
+        "not a torch device": ["--env", "sokoban", "--policy", "random", "--device", "gpu"],
+        "--val-seed-start must be >= 0": ["--env", "sokoban", "--policy", "random", "--val-seed-start", "-1"],
+        "not valid JSON": ["--env", "frozenlake", "--policy", "random", "--env-overrides", "{bad"],
+        "a JSON object of settings": ["--env", "frozenlake", "--policy", "random", "--env-overrides", "[1]"],
+        "set it with --render": ["--env", "frozenlake", "--policy", "random", "--env-overrides",
+                                 '{"render_mode": "grid"}'],
+        "slippery must be true or false": ["--env", "frozenlake", "--policy", "random", "--env-overrides",
+                                           '{"slippery": "false"}'],
+        "must be a finite number": ["--env", "frozenlake", "--policy", "random", "--temperature", "nan"],
         "no checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path / "missing")],
         "chat template": ["--env", "sokoban", "--policy", "random", "--model", str(no_template)],
         "not a Hugging Face checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path)],

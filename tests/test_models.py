@@ -1,4 +1,5 @@
 """Loading checkpoints, the tiny preset (tokenizer + model), random-init real shapes, saving."""
+import argparse
 import json
 import os
 import re
@@ -139,6 +140,20 @@ def test_load_errors_are_clear(tmp_path, tiny_dir):
     empty.mkdir()
     with pytest.raises(agent.ModelLoadError, match="cannot load"):
         agent.load_model(str(empty))
+    # a run folder given for its model, a file given for a folder: said so
+    shutil.copytree(tiny_dir, tmp_path / "run" / "model")
+    with pytest.raises(agent.ModelLoadError, match=f"did you mean {tmp_path / 'run'}/model"):
+        agent.load_model(str(tmp_path / "run"))
+    with pytest.raises(agent.ModelLoadError, match="is a file, not a checkpoint folder"):
+        agent.load_model(str(corrupt / "config.json"))
+    # a tokenizer whose ids run past the model's embedding table would fail mid-run: refused at load
+    small_vocab = tmp_path / "small_vocab"
+    shutil.copytree(tiny_dir, small_vocab)
+    model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+    model.resize_token_embeddings(len(tokenizer) - 10)
+    model.save_pretrained(small_vocab)
+    with pytest.raises(agent.ModelLoadError, match=f"has {len(tokenizer)} tokens and the model's vocabulary"):
+        agent.load_model(str(small_vocab))
 
 
 def test_a_model_id_fails_fast_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):
@@ -188,3 +203,35 @@ def test_save_checkpoint_is_atomic_and_replaces(tmp_path, tiny):
         agent.save_checkpoint(Exploding(), tokenizer, str(out))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert json.loads((out / "run_config.json").read_text()) == {"step": 2}  # the old one is intact
+    # what a save killed mid-way leaves (SIGKILL runs no cleanup) goes with the next save
+    os.rename(out, tmp_path / "ckpt.old")
+    shutil.copytree(tmp_path / "ckpt.old", tmp_path / ".tmp-ckpt-x1y2")
+    agent.save_checkpoint(model, tokenizer, str(out), run_config={"step": 3})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_argument_types_and_the_run_folder_fail_with_one_line(tmp_path):
+    assert agent.json_object('{"slippery": false}') == {"slippery": False}
+    for text, message in (("{bad", "not valid JSON"), ("[1]", "a JSON object"), ("null", "a JSON object")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            agent.json_object(text)
+    assert agent.finite_float("1e-3") == 1e-3
+    for text, message in (("nan", "finite"), ("inf", "finite"), ("-inf", "finite"), ("x", "not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            agent.finite_float(text)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--out .*file.*: File exists; pass a folder path"):
+        agent.make_run_dir(str(tmp_path / "file"))
+    agent.make_run_dir(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_a_diverged_gradient_stops_the_run_before_the_optimiser_step():
+    layer = torch.nn.Linear(2, 1)
+    (layer(torch.ones(1, 2)) * float("nan")).sum().backward()
+    with pytest.raises(SystemExit, match="gradient norm is nan"):
+        agent.clip_gradients(layer, 1.0)
+    layer.zero_grad()
+    (layer(torch.ones(1, 2)) * 100).sum().backward()
+    assert agent.clip_gradients(layer, 1.0) == pytest.approx(100 * 3 ** 0.5)  # the norm before clipping
+    assert torch.cat([p.grad.flatten() for p in layer.parameters()]).norm() == pytest.approx(1.0)

@@ -460,7 +460,7 @@ def tiny_run(tiny_dir, out, *extra):
             "--actor-lr", "1e-3", "--critic-lr", "1e-3", *extra]
 
 
-def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch, capsys):
     straight = rl.main(tiny_run(tiny_dir, tmp_path / "a"))
 
     original = agent.append_jsonl
@@ -498,6 +498,12 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
     again = rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
     assert rows("moved/b") == rows("a") and again == resumed
     assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["actor_lr"] == 1e-3
+    # resumed on another number of ranks: allowed (a machine setting), with a warning that it differs
+    config_path = tmp_path / "moved" / "b" / "run_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "world_size": 2}))
+    capsys.readouterr()
+    rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
+    assert "warning: resuming a run of 2 ranks on 1" in capsys.readouterr().err
     # a run can be extended, not shortened: its model would be published under the shorter --steps
     with pytest.raises(SystemExit, match="trained to step 2; --steps 1"):
         rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--steps", "1"))
@@ -631,6 +637,16 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     (["--val-every", "-1"], "--val-every >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--keep-groups", "1.5"], "--keep-groups must be in (0, 1]"),
+    (["--grad-clip", "-1"], "--grad-clip > 0"),  # a negative clip would ascend the loss
+    (["--clip-low", "1.5"], "0 < --clip-low < 1"),
+    (["--gamma", "nan"], "must be a finite number"),
+    (["--actor-lr", "inf"], "must be a finite number"),
+    (["--lam", "2"], "--gamma and --lam must be in [0, 1]"),
+    (["--entropy-coef", "-0.1"], "--entropy-coef, --worldmodel-reward and --weight-decay must be >= 0"),
+    (["--val-seed-start", "-5"], "--val-seed-start must be >= 0"),
+    (["--max-response-tokens", "5000"], "--max-response-tokens must be below --max-context-tokens"),
+    (["--env-overrides", "{bad"], "not valid JSON"),
+    (["--env-overrides", '{"render_mode": "grid"}'], "set it with --render"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -150,6 +150,8 @@ def test_parse_response_spans_and_junk():
     assert (parsed["observation"], parsed["prediction"], parsed["answer"]) == ("P_", "_P", "Right")
     for junk in (None, 7, b"<think></think>"):
         assert agent.parse_response(junk, "base")["format_valid"] is False
+    with pytest.raises(ValueError, match="mode must be one of"):  # a caller's typo is not an invalid turn
+        agent.parse_response(WM_OK, "WORLDMODEL")
     rng = random.Random(0)
     pieces = ["<think>", "</think>", "<answer>", "</answer>", "<observation>", "</observation>",
               "<prediction>", "</prediction>", "Up", "||", " ", "\n", "é", "\x00"]

@@ -409,6 +409,33 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     assert json.load(open(tmp_path / "renamed" / "run_config.json"))["lr"] == 1e-3
 
 
+def test_interrupted_self_play_continues_with_its_batch_and_gives_the_same_dataset(tmp_path, tiny, monkeypatch):
+    _, tokenizer = tiny
+
+    def self_play(out):
+        args = sft.parse_args(SMALL + ["--batches", "3", "--out", str(out)])
+        os.makedirs(out, exist_ok=True)
+        return sft.self_play(args, None, tokenizer, torch.device("cpu"), str(out / "dataset.jsonl"))
+    straight = self_play(tmp_path / "a")
+    batches = []
+    rollout = agent.rollout
+
+    def crash_in_the_third_batch(*args, **kwargs):
+        batches.append(args[3][0])
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return rollout(*args, **kwargs)
+    monkeypatch.setattr(agent, "rollout", crash_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        self_play(tmp_path / "b")
+    monkeypatch.setattr(agent, "rollout", lambda *a, **k: batches.append(a[3][0]) or rollout(*a, **k))
+    resumed = self_play(tmp_path / "b")
+    assert batches == [10000, 10005, 10010, 10010]  # the first two batches were not played again
+    assert (tmp_path / "b" / "dataset.jsonl").read_text() == (tmp_path / "a" / "dataset.jsonl").read_text()
+    assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(straight))
+    assert sorted(os.listdir(tmp_path / "b")) == ["dataset.jsonl"]  # the partial file and its state are gone
+
+
 def test_a_crash_after_an_epochs_heldout_line_logs_it_once_on_resume(tmp_path, monkeypatch):
     one_epoch = SMALL + ["--epochs", "1", "--save-every", "1"]
     # the crash lands after the held-out line, before the epoch's end is saved, while a line is half written
@@ -466,12 +493,16 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="holds sokoban turns, not frozenlake"):
         sft.main(SMALL + ["--out", str(tmp_path / "y"), "--data", str(corrupt)])
     for flags, message in ((["--heldout-loss-turns", "-1"], "--heldout-loss-turns >= 0"),
-                           (["--save-every", "0"], "--save-every >= 1"), (["--eval-turns", "0"], "--eval-turns >= 1")):
+                           (["--save-every", "0"], "--save-every >= 1"), (["--eval-turns", "0"], "--eval-turns >= 1"),
+                           (["--grad-clip", "-1"], "--grad-clip > 0"),  # it would ascend the loss
+                           (["--lr", "inf"], "must be a finite number"), (["--betas", "2", "2"], "0 <= --betas < 1"),
+                           (["--env-groups", "3"], "--env-groups >= 5"), (["--group-size", "0"], "--group-size >= 1"),
+                           (["--train-seed-start", "-5"], "--train-seed-start >= 0"),
+                           (["--env-overrides", '{"render_mode": "grid"}'], "set it with --render"),
+                           (["--env-overrides", '{"slippery": "false"}'], "slippery must be true or false")):
         with pytest.raises(SystemExit):
             sft.main(SMALL + ["--out", str(tmp_path / "v"), *flags])
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no held-out turns"):  # 4 puzzles a batch: every 5th holds out none
-        sft.main(SMALL + ["--out", str(tmp_path / "u"), "--env-groups", "4"])
     with pytest.raises(SystemExit, match="no training sequence fits in --max-length 10"):
         sft.main(SMALL + ["--out", str(tmp_path / "t"), "--max-length", "10"])
     with pytest.raises(SystemExit, match="no such folder"):
@@ -488,6 +519,39 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     torch.save({"actor": {}, "step": 1}, run / "train_state.pt")  # rl.py's, say
     with pytest.raises(SystemExit, match="not a train state written by worldmodel_sft.py"):
         sft.main(SMALL + ["--out", str(run)])
+
+
+def test_a_bad_dataset_row_is_found_before_training(tmp_path, tiny):
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(0), "worldmodel"), tokenizer, "frozenlake",
+                             list(range(5)), 2, instruction="short", max_turns=2)
+    examples = sft.examples_from_episodes(episodes)
+    heldout = next(i for i, ex in enumerate(examples) if ex["split"] == "heldout" and ex["turn"] == 2)
+    path = tmp_path / "data.jsonl"
+
+    def fails(change, message, row=heldout):
+        rows = [dict(ex) for ex in examples]
+        change(rows[row])
+        agent.write_jsonl(str(path), rows)
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        with pytest.raises(SystemExit, match=message):
+            sft.main(SMALL + ["--data", str(path), "--out", str(out)])
+        assert not (out / "metrics.jsonl").exists()  # nothing was trained
+    # a held-out turn the evaluation after training could not replay: found now, not after training
+    fails(lambda ex: ex.update(observation="P___"), "does not replay")
+    fails(lambda ex: ex.update(env_overrides={"colour": 1}), "does not replay")
+    fails(lambda ex: ex.update(history=ex["history"] + [["Up"]] * 20), "does not replay")
+    fails(lambda ex: ex.update(seed=-3), r"seed -3 \(puzzle seeds are >= 0\)")
+    fails(lambda ex: ex.update(seed=True), "seed of the wrong type")
+    fails(lambda ex: ex.update(response=ex["response"].replace("<observation>", "")),
+          "data.jsonl: frozenlake seed 0 turn 1: ", row=0)
+    agent.write_jsonl(str(path), [{**ex, "split": "train"} for ex in examples])
+    with pytest.raises(SystemExit, match="no held-out turns"):
+        sft.main(SMALL + ["--data", str(path), "--out", str(tmp_path / "none-held-out")])
+    agent.write_jsonl(str(path), examples)
+    path.write_bytes(path.read_bytes() + b'{"env": "\xff"}\n')
+    with pytest.raises(SystemExit, match=r"data.jsonl:\d+ is not UTF-8 text"):
+        sft.main(SMALL + ["--data", str(path), "--out", str(tmp_path / "utf")])
 
 
 def test_cli_help_and_a_small_run(tmp_path):
