@@ -358,7 +358,10 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     prefix = ".tmp-" + os.path.basename(out_dir) + "-"
-    # what a save killed mid-way left behind (a full checkpoint each): out_dir is rewritten whole now
+    # what a save killed mid-way left behind: the old checkpoint, moved aside, comes back first (it may
+    # be the only complete one); then the leftovers go (a full checkpoint each)
+    if not os.path.exists(out_dir) and os.path.isdir(out_dir + ".old"):
+        os.rename(out_dir + ".old", out_dir)
     for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")) + [out_dir + ".old"]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
@@ -1087,8 +1090,9 @@ def clip_gradients(model, max_norm):
     last saved state stays the last good one)."""
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     if not math.isfinite(norm):
-        raise SystemExit(f"error: the gradient norm is {norm}: training diverged (too high a learning rate?); "
-                         f"the run stops here, and its last saved state is the last good one")
+        raise SystemExit(f"error: the gradient norm is {norm}: training diverged, and stops before the weights take "
+                         f"it. Resuming would repeat the same steps: start again in a new --out with a lower "
+                         f"learning rate")
     return norm
 
 
@@ -1117,17 +1121,23 @@ def drop_metrics_after(path, step, epoch=None):
 def read_jsonl(path):
     """The rows of a JSON-lines file that append_jsonl writes to; the half line a crash can leave
     at its end is skipped. Any other line that is not JSON is an error."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    lines.pop()  # what follows the last newline: nothing, or the half line of a crash mid-append
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = lines.pop()  # what follows the last newline: nothing, a crash's half line, or a whole row
     rows = []
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 raise SystemExit(f"error: {path}: line {number} is not JSON; move the file away to start afresh") \
                     from None
+    try:
+        row = json.loads(last) if last.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        row = None  # a row cut off mid-write (a cut object never parses)
+    if isinstance(row, dict):
+        rows.append(row)  # a whole row with no newline after it
     return rows
 
 
@@ -1163,6 +1173,8 @@ def resume_train_state(path, keys, restore, writer):
             raise ValueError(f"not a train state written by {writer}")
         restore(state)
         return state
+    except torch.OutOfMemoryError:
+        raise  # the state is fine; the device is full
     except Exception as e:
         message = " ".join(str(e).split())  # load_state_dict's lists of mismatched shapes, on one line
         raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {message[:300]}); "

@@ -48,7 +48,7 @@ RENDER_MODES = ("grid", "coords")
 # 16x16, FrozenLake's exact oracle takes about 15 s per map (8x8: 0.5 s).
 MAX_SIDE = 16  # rows or columns of a Sokoban room or a FrozenLake map, hand-written or generated
 MAX_STEPS = 200  # the action budget of every env
-MAX_BOXES = 6  # boxes of a generated Sokoban (the paper uses 1)
+MAX_BOXES = 6  # boxes of a Sokoban, generated or hand-written (the paper uses 1)
 
 
 def make(name, **overrides):
@@ -345,6 +345,8 @@ class Sokoban:
         targets = frozenset(i for i, ch in enumerate(cells) if ch in "O√S")
         if len(players) != 1 or not boxes or len(boxes) != len(targets):
             raise ValueError("Sokoban room: needs one player and as many targets as boxes (>= 1)")
+        if len(boxes) > MAX_BOXES:
+            raise ValueError(f"Sokoban room: at most {MAX_BOXES} boxes, got {len(boxes)}")
         if boxes == targets:
             raise ValueError("Sokoban room: every box is already on a target (a solved puzzle)")
         self.num_boxes = len(boxes)
@@ -353,7 +355,8 @@ class Sokoban:
         # too, or the evaluation oracle (which plays that solution) would have no move to make
         plan = _solve_room(walls, self.width, targets, boxes, players[0], self.max_steps)
         if plan is None:
-            raise ValueError(f"Sokoban room: no solution within max_steps={self.max_steps} actions")
+            raise ValueError(f"Sokoban room: no solution within max_steps={self.max_steps} actions (or none found "
+                             f"in the solver's search limit)")
         return walls, targets, boxes, players[0], plan
 
     def reset(self, seed):

@@ -16,8 +16,10 @@ Both are played through the same rollout, prompts and parser as a model.
     python evaluate.py --env frozenlake --model runs/a/model --model runs/b/model --diff runs/a/model runs/b/model
 
 Outputs in --out: report.md (one table per env), report.json (every number and the resolved
-config), episodes.jsonl (every episode: messages, per-turn states, actions, rewards). The last
-line printed is {"rows": [...]} with one row per policy and env (and "differences": [...] with --diff).
+config), episodes.jsonl (every episode: messages, per-turn states, actions, rewards) and
+played.jsonl (each finished row with what it depends on: run again into the same --out, after a
+crash or with more models, only the rows not found there are played). The last line printed is
+{"rows": [...]} with one row per policy and env (and "differences": [...] with --diff).
 
 Definitions:
 - pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) on each puzzle's n samples with c
@@ -62,6 +64,8 @@ Things to know when reading a report:
   400 so that their responses are never cut; their outcomes depend on none of these.
 """
 import argparse
+import collections
+import functools
 import hashlib
 import json
 import math
@@ -98,7 +102,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", action="append", default=[], help="checkpoint folder or HF id (repeatable)")
     parser.add_argument("--policy", action="append", default=[], choices=REFERENCE_POLICIES,
                         help="reference policy to report (repeatable); both are added whenever a model is evaluated")
-    parser.add_argument("--out", default="runs/eval", help="folder for report.md, report.json, episodes.jsonl")
+    parser.add_argument("--out", default="runs/eval",
+                        help="folder for report.md, report.json, episodes.jsonl, played.jsonl (rows played before "
+                             "there are reused)")
     # the puzzles
     parser.add_argument("--puzzles", type=int, default=128, help="validation puzzles per env")
     parser.add_argument("--samples", type=int, default=8, help="episodes per puzzle (n of pass@k)")
@@ -398,26 +404,46 @@ ROW_FLAGS = ("puzzles", "samples", "k", "val_seed_start", "env_overrides", "max_
              "batch_puzzles")  # the flags a row's numbers depend on (besides its policy, env and prompt settings)
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint():
+    """The code a row is played with: this file, the agent loop and the envs (prompts, rules and
+    metrics change with them), and the libraries' versions."""
+    import transformers
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for name in ("evaluate.py", "agent.py", "envs.py"):
+        with open(os.path.join(root, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def row_key(args, device, name, env_name, settings, checkpoint):
     """Everything a row's numbers depend on: a row played with the same key is the same row."""
     return {"name": name, "env": env_name, "settings": settings, "checkpoint": checkpoint, "device": device.type,
-            **{flag: getattr(args, flag) for flag in ROW_FLAGS}}
+            "code": code_fingerprint(), **{flag: getattr(args, flag) for flag in ROW_FLAGS}}
 
 
 def earlier_rows(out, keys):
-    """The rows an earlier run in `out` finished with the same keys, {(name, env): (row, successes)};
-    played.jsonl and episodes.jsonl are rewritten to hold just those (a row cut off mid-way, or
-    played with other settings, is played again)."""
+    """The rows an earlier run in `out` finished with the same keys and all their episodes,
+    {(name, env): (row, successes)}. played.jsonl and episodes.jsonl are rewritten to hold just
+    those: a row cut off mid-way, played with other settings or missing episodes is played again
+    (so an evaluation into an --out replaces the different one that was there)."""
     played_path, episodes_path = os.path.join(out, "played.jsonl"), os.path.join(out, "episodes.jsonl")
     wanted = {json.dumps(key, sort_keys=True) for key in keys.values()}
-    played = [line for line in (agent.read_jsonl(played_path) if os.path.isfile(played_path) else [])
-              if json.dumps(line.get("key"), sort_keys=True) in wanted]
-    done = {(line["key"]["name"], line["key"]["env"]) for line in played}
-    agent.write_jsonl(played_path, played)
-    agent.write_jsonl(episodes_path, [r for r in (agent.read_jsonl(episodes_path) if os.path.isfile(episodes_path)
-                                                  else []) if (r.get("name"), r.get("env")) in done])
-    return {(line["key"]["name"], line["key"]["env"]):
-            (line["row"], {int(seed): samples for seed, samples in line["successes"].items()}) for line in played}
+    played = agent.read_jsonl(played_path) if os.path.isfile(played_path) else []
+    episodes = agent.read_jsonl(episodes_path) if os.path.isfile(episodes_path) else []
+    count = collections.Counter((episode.get("name"), episode.get("env")) for episode in episodes)
+    reused = {}
+    for line in played:
+        key = line.get("key", {})
+        complete = count[key.get("name"), key.get("env")] == key.get("puzzles", 0) * key.get("samples", 0)
+        if json.dumps(key, sort_keys=True) in wanted and complete:
+            successes = {int(seed): samples for seed, samples in line["successes"].items()}
+            reused[key["name"], key["env"]] = (line, line["row"], successes)
+    agent.write_jsonl(played_path, [line for line, _, _ in reused.values()])
+    agent.write_jsonl(episodes_path, [episode for episode in episodes if (episode.get("name"), episode.get("env"))
+                                      in reused])
+    return {name_env: (row, successes) for name_env, (_, row, successes) in reused.items()}
 
 
 LEGEND = ("pass@k: unbiased estimator over each puzzle's samples, averaged over puzzles; CI: 95% bootstrap over "
@@ -468,6 +494,39 @@ def markdown(rows, env_names, ks, args, differences=()):
     return "\n".join(lines) + "\n"
 
 
+def play_row(name, model, tokenizer, settings, env_name, seeds, ks, args, device):
+    """One row of the report: `name` (random, oracle, or the model given) plays env_name's puzzles
+    --samples times each. Returns (row, episodes)."""
+    # every row starts from --seed: a row does not depend on which other rows are in the run
+    if name == "random":
+        policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
+    elif name == "oracle":
+        policy = oracle_policy(tokenizer, settings["mode"])
+    else:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
+    episodes = []
+    for i in range(0, len(seeds), args.batch_puzzles):
+        episodes += agent.rollout(
+            policy, tokenizer, env_name, seeds[i:i + args.batch_puzzles], args.samples,
+            mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
+            max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens,
+            env_overrides=args.env_overrides)
+    reference = model is None
+    row = {"name": name, "env": env_name, **summarize(episodes, ks, settings["mode"], args.seed),
+           "exact_success": exact_success(env_name, name, seeds, args.env_overrides) if reference else None,
+           "settings": settings}
+    if reference and row["truncated"]:
+        tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token budget "
+                   f"(--max-response-tokens {settings['max_response_tokens']}); its row understates it",
+                   file=sys.stderr)
+    if cut := sum(ep.end_reason == "context" for ep in episodes):
+        tqdm.write(f"warning: {name} on {env_name}: {cut} of {len(episodes)} episodes ended early because a full "
+                   f"{settings['max_response_tokens']}-token response no longer fit in --max-context-tokens "
+                   f"{args.max_context_tokens}", file=sys.stderr)
+    return row, episodes
+
+
 def main(argv=None):
     args = parse_args(argv)
     env_names = list(envs.ENVS) if args.all_envs else [args.env]
@@ -489,8 +548,7 @@ def main(argv=None):
                                                                PAPER_SETTINGS["max_response_tokens"])}
     config = {**vars(args), "envs": env_names, "ks": ks, "device": str(device), "reference_settings": ref_settings,
               "model_settings": {path: settings for path, (_, settings) in checkpoints.items()}}
-    budgets = {"the reference rows": ref_settings, **config["model_settings"]}
-    for name, settings in budgets.items():
+    for name, settings in {"the reference rows": ref_settings, **config["model_settings"]}.items():
         if settings["max_response_tokens"] >= args.max_context_tokens:
             raise SystemExit(f"error: {name}: a {settings['max_response_tokens']}-token response leaves no room for "
                              f"its prompt in --max-context-tokens {args.max_context_tokens}")
@@ -530,32 +588,7 @@ def main(argv=None):
                            file=sys.stderr)
                 continue
             start = time.perf_counter()
-            # every row starts from --seed: a row does not depend on which other rows are in the run
-            if name == "random":
-                policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
-            elif name == "oracle":
-                policy = oracle_policy(tokenizer, settings["mode"])
-            else:
-                generator = torch.Generator(device=device).manual_seed(args.seed)
-                policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
-            episodes = []
-            for i in range(0, len(seeds), args.batch_puzzles):
-                episodes += agent.rollout(
-                    policy, tokenizer, env_name, seeds[i:i + args.batch_puzzles], args.samples,
-                    mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
-                    max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens,
-                    env_overrides=args.env_overrides)
-            exact = exact_success(env_name, name, seeds, args.env_overrides) if path is None else None
-            row = {"name": name, "env": env_name, **summarize(episodes, ks, settings["mode"], args.seed),
-                   "exact_success": exact, "settings": settings}
-            if path is None and row["truncated"]:
-                tqdm.write(f"warning: {name} on {env_name}: {row['truncated']:.1%} of turns hit the token "
-                           f"budget (--max-response-tokens {settings['max_response_tokens']}); its row "
-                           f"understates it", file=sys.stderr)
-            if cut := sum(ep.end_reason == "context" for ep in episodes):
-                tqdm.write(f"warning: {name} on {env_name}: {cut} of {len(episodes)} episodes ended early "
-                           f"because a full {settings['max_response_tokens']}-token response no longer fit "
-                           f"in --max-context-tokens {args.max_context_tokens}", file=sys.stderr)
+            row, episodes = play_row(name, model, tokenizer, settings, env_name, seeds, ks, args, device)
             rows.append(row)
             for ep in episodes:
                 successes.setdefault((name, env_name), {}).setdefault(ep.seed, []).append(ep.success)
@@ -570,9 +603,9 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     progress.close()
-    play_order = list(keys)  # episodes.jsonl in play order, however many runs played its rows
+    play_order = {key: i for i, key in enumerate(keys)}  # episodes.jsonl in play order, whichever run played them
     agent.write_jsonl(episodes_path, sorted(agent.read_jsonl(episodes_path),
-                                            key=lambda r: play_order.index((r["name"], r["env"]))))
+                                            key=lambda r: play_order[r["name"], r["env"]]))
 
     # 3. report: rows grouped by env, in policy order
     rows.sort(key=lambda r: env_names.index(r["env"]))

@@ -754,9 +754,6 @@ def main(argv=None):
     n_params = sum(p.numel() for p in actor.parameters())
     config.update(world_size=world, device=str(device), parameters=n_params,
                   memory_plan_gb=memory_plan(n_params, actor.config, args, device, world))
-    if is_main:
-        print(json.dumps(config, indent=2, sort_keys=True), flush=True)
-        agent.write_json(os.path.join(args.out, "run_config.json"), config)
 
     fused = device.type == "cuda"
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, fused=fused)
@@ -770,6 +767,9 @@ def main(argv=None):
                              f"that model as a shorter run (a run can be extended, not shortened)")
         if is_main:
             print(f"resuming at step {step}", flush=True)
+    if is_main:  # recorded once the run is known to go on under these settings
+        print(json.dumps(config, indent=2, sort_keys=True), flush=True)
+        agent.write_json(os.path.join(args.out, "run_config.json"), config)
     # a fresh start (step 0) forgets an earlier partial run's lines; only rank 0 writes (and reads)
     kept_rows = agent.drop_metrics_after(metrics_path, step if step else -1) if is_main else []
     # a run resumed at the step it validated last (a finished run run again) keeps that validation;

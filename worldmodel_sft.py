@@ -216,6 +216,10 @@ def self_play(args, model, tokenizer, device, data_path):
         state = agent.resume_train_state(state_path, ("batches", "examples", "rng", "generator"), restore,
                                          "worldmodel_sft.py's self-play")
         examples, first_batch = agent.read_jsonl(partial_path)[:state["examples"]], state["batches"]
+        if len(examples) < state["examples"]:  # the file lost turns its state counts: start self-play over
+            rng.seed(args.seed)
+            generator.manual_seed(args.seed)
+            examples, first_batch = [], 0
         print(f"self-play: resuming at batch {first_batch} with {len(examples)} turns kept", flush=True)
     agent.write_jsonl(partial_path, examples)
     for batch in tqdm(range(first_batch, args.batches), desc="self-play", disable=None):
@@ -227,6 +231,8 @@ def self_play(args, model, tokenizer, device, data_path):
         batch_examples = examples_from_episodes(episodes, thought_trace=args.thought_trace)
         with open(partial_path, "a", encoding="utf-8") as f:  # the examples first, then the state that counts them
             f.writelines(json.dumps(example) + "\n" for example in batch_examples)
+            f.flush()
+            os.fsync(f.fileno())
         examples += batch_examples
         agent.save_train_state(state_path, {"batches": batch + 1, "examples": len(examples), "rng": rng.getstate(),
                                             "generator": generator.get_state()})
@@ -659,7 +665,7 @@ def main(argv=None):
     heldout = [ex for ex in examples if ex["split"] == "heldout"]
     if not train or not heldout:
         raise SystemExit(f"error: no {'training' if not train else 'held-out'} turns (every turn broke the "
-                         f"format? or fewer than 5 puzzles per self-play batch, --env-groups, hold none out)")
+                         f"format? or a --data file without them)")
     for example in heldout:  # the evaluation after training replays them: a bad one fails now, not then
         try:
             env_at_turn(example)

@@ -101,14 +101,16 @@ def run_stage(name, done_path, stage, argv):
 
 
 def timed_stage(name, stage, argv):
-    """stage.main(argv), its printing to stderr; its time is added to the benchmark folder's
-    stage_times.jsonl, whose sum is the summary's minutes (an interrupted benchmark's too)."""
+    """stage.main(argv), its printing to stderr; once it completes, its time is added to the
+    benchmark folder's stage_times.jsonl, whose sum is the summary's minutes (over every invocation
+    of an interrupted benchmark; a stage run cut off by the interruption is not counted)."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         stage.main(argv)
     seconds = time.perf_counter() - start
-    agent.append_jsonl(os.path.join(os.path.dirname(stage.parse_args(argv).out), "stage_times.jsonl"),
-                       {"stage": name, "seconds": round(seconds, 1)})
+    times = os.path.join(os.path.dirname(stage.parse_args(argv).out), "stage_times.jsonl")
+    earlier = agent.read_jsonl(times) if os.path.isfile(times) else []
+    agent.write_jsonl(times, earlier + [{"stage": name, "seconds": round(seconds, 1)}])
     log(f"{name}: {seconds:.0f}s")
 
 

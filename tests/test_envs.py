@@ -218,6 +218,8 @@ def test_bool_and_list_overrides_as_json_gives_them():
     ("sokoban", {"num_boxes": 7}, r"num_boxes must be in 1\.\.6, got 7"),
     ("sudoku", {"max_steps": 201}, r"max_steps must be in 1\.\.200, got 201"),
     ("frozenlake", {"desc": ["P" + "_" * 16] + ["_" * 17] * 15 + ["_" * 16 + "G"]}, "at most 16x16 cells, got 17x17"),
+    ("sokoban", {"room": ["#" * 11, "#P" + "_" * 8 + "#", "#_" + "X" * 7 + "_#", "#_" + "O" * 7 + "_#", "#" * 11]},
+     "at most 6 boxes, got 7"),
     ("sokoban", {"room": "#" * 17 + "\n#PXO" + "_" * 12 + "#\n" + "#" * 17}, "at most 16x16 cells, got 3x17"),
 ])
 def test_sizes_are_bounded(name, overrides, message):

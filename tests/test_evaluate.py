@@ -326,6 +326,8 @@ def test_a_run_started_again_plays_only_the_rows_it_lacks(tmp_path, capsys, tiny
     assert len(played) == 5 and row(other, str(model))["settings"]["max_response_tokens"] == 12
     assert len((out_b / "episodes.jsonl").read_text().splitlines()) == 3 * 2 * 2
     assert len((out_b / "played.jsonl").read_text().splitlines()) == 3
+    os.remove(out_b / "episodes.jsonl")  # rows whose episodes are gone are played again
+    assert run(tmp_path / "b", capsys, *argv[:-1], "12")[0] == other and len(played) == 8
 
 
 # -----------------------------------------------------------------------------

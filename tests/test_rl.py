@@ -507,6 +507,7 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
     # a run can be extended, not shortened: its model would be published under the shorter --steps
     with pytest.raises(SystemExit, match="trained to step 2; --steps 1"):
         rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--steps", "1"))
+    assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["steps"] == 2  # the record is untouched
     # a state whose run_config.json is gone cannot be checked against the flags: refused, not resumed
     os.remove(tmp_path / "moved" / "b" / "run_config.json")
     with pytest.raises(SystemExit, match="no run_config.json there records its settings"):
