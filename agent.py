@@ -1096,10 +1096,13 @@ def clip_gradients(model, max_norm):
     return norm
 
 
-def append_jsonl(path, row):
-    """Append one JSON line (metrics: a crash loses at most the line being written)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def append_jsonl(path, *rows):
+    """Append JSON lines, on disk when it returns (metrics, finished rows: a crash loses at most
+    the line being written, which read_jsonl then skips)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def drop_metrics_after(path, step, epoch=None):
@@ -1145,7 +1148,7 @@ def write_text(path, text):
     """Write a whole file atomically: to a temporary file first, then rename it into place, so
     that a crash leaves either the old file or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -1186,7 +1189,7 @@ def write_json(path, obj):
 
 
 def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def run_config(args):

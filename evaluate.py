@@ -592,8 +592,8 @@ def main(argv=None):
             rows.append(row)
             for ep in episodes:
                 successes.setdefault((name, env_name), {}).setdefault(ep.seed, []).append(ep.success)
-            with open(episodes_path, "a", encoding="utf-8") as f:  # the episodes first, then the row that they are
-                f.writelines(json.dumps(episode_record(name, ep), ensure_ascii=False) + "\n" for ep in episodes)
+            # the episodes first, then the row that they are
+            agent.append_jsonl(episodes_path, *(episode_record(name, ep) for ep in episodes))
             agent.append_jsonl(played_path, {"key": keys[name, env_name], "row": row,
                                              "successes": successes[name, env_name]})
             progress.update(1)

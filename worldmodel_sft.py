@@ -229,10 +229,7 @@ def self_play(args, model, tokenizer, device, data_path):
                                  instruction=args.instruction, max_response_tokens=args.max_response_tokens,
                                  env_overrides=args.env_overrides)
         batch_examples = examples_from_episodes(episodes, thought_trace=args.thought_trace)
-        with open(partial_path, "a", encoding="utf-8") as f:  # the examples first, then the state that counts them
-            f.writelines(json.dumps(example) + "\n" for example in batch_examples)
-            f.flush()
-            os.fsync(f.fileno())
+        agent.append_jsonl(partial_path, *batch_examples)  # the examples first, then the state that counts them
         examples += batch_examples
         agent.save_train_state(state_path, {"batches": batch + 1, "examples": len(examples), "rng": rng.getstate(),
                                             "generator": generator.get_state()})

@@ -300,8 +300,8 @@ def test_a_run_started_again_plays_only_the_rows_it_lacks(tmp_path, capsys, tiny
     monkeypatch.setattr(agent, "rollout", lambda *a, **k: played.append(a[2]) or rollout(*a, **k))
     append = agent.append_jsonl
 
-    def crash_after_two_rows(path, row):  # random and the model done; the oracle's row not yet
-        append(path, row)
+    def crash_after_two_rows(path, *rows):  # random and the model done; the oracle's row not yet
+        append(path, *rows)
         if path.endswith("played.jsonl") and len(agent.read_jsonl(path)) == 2:
             with open(path, "a") as f:
                 f.write('{"key": {"na')  # and a line half written

@@ -465,9 +465,9 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
 
     original = agent.append_jsonl
 
-    def interrupt(path, row):
-        original(path, row)
-        if row.get("step") == 2 and "train/reward" in row:  # after step 1's save, before step 2's
+    def interrupt(path, *rows):
+        original(path, *rows)
+        if any(row.get("step") == 2 and "train/reward" in row for row in rows):  # after step 1's save, before step 2's
             raise KeyboardInterrupt
     monkeypatch.setattr(agent, "append_jsonl", interrupt)
     # the interrupted run starts from a checkpoint beside it (a benchmark's folder), and the folder

@@ -381,9 +381,9 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     # the same run, interrupted after step 5 (last resumable save at step 4), then started again
     original = agent.append_jsonl
 
-    def interrupt(path, row):
-        original(path, row)
-        if row.get("step") == 5 and "train/loss" in row:
+    def interrupt(path, *rows):
+        original(path, *rows)
+        if any(row.get("step") == 5 and "train/loss" in row for row in rows):
             raise KeyboardInterrupt
     monkeypatch.setattr(agent, "append_jsonl", interrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -441,9 +441,9 @@ def test_a_crash_after_an_epochs_heldout_line_logs_it_once_on_resume(tmp_path, m
     # the crash lands after the held-out line, before the epoch's end is saved, while a line is half written
     original = agent.append_jsonl
 
-    def crash(path, row):
-        original(path, row)
-        if "heldout/loss" in row:
+    def crash(path, *rows):
+        original(path, *rows)
+        if any("heldout/loss" in row for row in rows):
             with open(path, "a") as f:
                 f.write('{"step": 9')
             raise KeyboardInterrupt
