@@ -709,6 +709,7 @@ def main(argv=None):
     # 5. train
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=None)
     pad = tokenizer.pad_token_id
+    trained = False  # by this invocation: a finished run started again has nothing to redo
     for epoch in range(first_epoch, args.epochs):
         if step >= total_steps and not (epoch == first_epoch and skip_batches):
             break  # --max-train-tokens ended training, and that epoch's end is logged and saved
@@ -741,7 +742,16 @@ def main(argv=None):
         agent.append_jsonl(metrics_path, row)
         tqdm.write(json.dumps(row))
         save_train_state(state_path, model, optimizer, step, epoch + 1, 0)
+        trained = True
     progress.close()
+    eval_path = os.path.join(args.out, "eval.json")
+    if not trained and os.path.isdir(os.path.join(args.out, "model")) and os.path.isfile(eval_path):
+        with open(eval_path) as f:
+            summary = json.load(f)
+        if summary.get("eval_turns") == args.eval_turns:  # finished before, and evaluated as asked now
+            print(f"finished before: {args.out}/model and its evaluation", flush=True)
+            print(json.dumps(summary), flush=True)
+            return summary
 
     # 6. the final checkpoint: a Hugging Face folder, the input of rl.py
     final = agent.save_checkpoint(model, tokenizer, os.path.join(args.out, "model"), run_config=config)
@@ -751,9 +761,10 @@ def main(argv=None):
     rng = random.Random(args.seed)
     chosen = rng.sample(heldout, min(args.eval_turns, len(heldout))) if heldout else []
     summary, records = evaluate_world_model(model, tokenizer, chosen, args.max_response_tokens)
-    summary.update(env=args.env, loss_spans=args.loss_spans, state_targets=args.state_targets, steps=step)
+    summary.update(env=args.env, loss_spans=args.loss_spans, state_targets=args.state_targets, steps=step,
+                   eval_turns=args.eval_turns)
     agent.write_jsonl(os.path.join(args.out, "eval_samples.jsonl"), records)
-    agent.write_json(os.path.join(args.out, "eval.json"), summary)  # last: bench_learning's "stage done" mark
+    agent.write_json(eval_path, summary)  # last: bench_learning's "stage done" mark
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -403,6 +403,13 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     b = torch.load(tmp_path / "renamed" / "train_state.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight == resumed
+    # finished: started again, nothing is trained, saved or evaluated again
+    model_time = os.stat(tmp_path / "renamed" / "model" / "model.safetensors").st_mtime_ns
+    monkeypatch.setattr(sft, "evaluate_world_model", lambda *a, **k: pytest.fail("evaluated again"))
+    assert sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2"]) == resumed
+    assert os.stat(tmp_path / "renamed" / "model" / "model.safetensors").st_mtime_ns == model_time
+    assert [json.loads(line) for line in open(tmp_path / "renamed" / "metrics.jsonl")] == rows_b
+    monkeypatch.undo()
     # the same folder with other settings would train another run on this one's data and state
     with pytest.raises(SystemExit, match=r"cannot continue \(lr: 0.001 there, 0.002 now\)"):
         sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--lr", "2e-3"])
