@@ -1115,15 +1115,17 @@ def drop_metrics_after(path, step, epoch=None):
         return row.get("step", 0) > step or later_epoch
 
     if not os.path.isfile(path):
-        return []
+        return []  # nothing logged: nothing to write either
     rows = [row for row in read_jsonl(path) if not logged_after(row)]
     write_jsonl(path, rows)
     return rows
 
 
 def read_jsonl(path):
-    """The rows of a JSON-lines file that append_jsonl writes to; the half line a crash can leave
-    at its end is skipped. Any other line that is not JSON is an error."""
+    """The rows of a JSON-lines file that append_jsonl writes to (none if there is no file yet); the
+    half line a crash can leave at its end is skipped. Any other line that is not JSON is an error."""
+    if not os.path.isfile(path):
+        return []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     last = lines.pop()  # what follows the last newline: nothing, a crash's half line, or a whole row
@@ -1144,25 +1146,24 @@ def read_jsonl(path):
     return rows
 
 
-def write_text(path, text):
-    """Write a whole file atomically: to a temporary file first, then rename it into place, so
-    that a crash leaves either the old file or the new one, never half of one."""
+def write_atomically(path, write):
+    """write(f) a whole file atomically: into a temporary file beside it, on disk, then renamed into
+    place, so that a crash leaves either the old file or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text(path, text):
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_train_state(path, state):
-    """torch.save(state), atomically (write, then rename): what a run needs to continue exactly."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """What a run needs to continue exactly (models, optimisers, RNG, step), saved atomically."""
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def resume_train_state(path, keys, restore, writer):

@@ -430,8 +430,7 @@ def earlier_rows(out, keys):
     (so an evaluation into an --out replaces the different one that was there)."""
     played_path, episodes_path = os.path.join(out, "played.jsonl"), os.path.join(out, "episodes.jsonl")
     wanted = {json.dumps(key, sort_keys=True) for key in keys.values()}
-    played = agent.read_jsonl(played_path) if os.path.isfile(played_path) else []
-    episodes = agent.read_jsonl(episodes_path) if os.path.isfile(episodes_path) else []
+    played, episodes = agent.read_jsonl(played_path), agent.read_jsonl(episodes_path)
     count = collections.Counter((episode.get("name"), episode.get("env")) for episode in episodes)
     reused = {}
     for line in played:

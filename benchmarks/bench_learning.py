@@ -109,8 +109,7 @@ def timed_stage(name, stage, argv):
         stage.main(argv)
     seconds = time.perf_counter() - start
     times = os.path.join(os.path.dirname(stage.parse_args(argv).out), "stage_times.jsonl")
-    earlier = agent.read_jsonl(times) if os.path.isfile(times) else []
-    agent.write_jsonl(times, earlier + [{"stage": name, "seconds": round(seconds, 1)}])
+    agent.write_jsonl(times, agent.read_jsonl(times) + [{"stage": name, "seconds": round(seconds, 1)}])
     log(f"{name}: {seconds:.0f}s")
 
 
@@ -178,7 +177,7 @@ def stage_argvs(args, out):
 
 def curve(run_dir):
     """Validation Pass@1 and Pass@8 against PPO step."""
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = agent.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     return [{"step": r["step"], "pass@1": r["val/pass@1"], "pass@8": r.get("val/pass@8")}
             for r in rows if "val/pass@1" in r]
 

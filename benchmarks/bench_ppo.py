@@ -68,7 +68,7 @@ def main():
                               "total_mem_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 2),
                               "memory_plan_gb": plan, "error": str(e).splitlines()[0]}))
             raise SystemExit(1) from None
-        rows = [json.loads(line) for line in open(os.path.join(tmp, "run", "metrics.jsonl"))]
+        rows = agent.read_jsonl(os.path.join(tmp, "run", "metrics.jsonl"))
     last = [r for r in rows if "perf/step_s" in r][-1]
     results.update({"kept_episodes": last["train/kept_episodes"],
                     **{k: round(last[f"perf/{k}"], 3) for k in ("rollout_s", "logprob_s", "update_s", "step_s",
