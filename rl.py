@@ -77,10 +77,12 @@ PRESETS = {
 
 # What run_config.json records about the machine rather than the run's settings (added in main)
 MACHINE_KEYS = ("device", "world_size", "parameters", "memory_plan_gb")
-# What may differ when a run is resumed: how long it runs, how often it validates and saves, and the
-# machine (everything else would change the run being continued; a moved folder is not a change:
+# What may differ when a run is resumed: how long it runs, how often it validates and saves, how it
+# fits in memory (the same gradients, accumulated in other pieces, equal up to rounding: the usual fix
+# after running out of memory), and the machine (everything else would change the run being continued; a moved folder is not a change:
 # agent.settings_changed lets the recorded paths follow it)
-RESUME_MAY_CHANGE = ("steps", "val_every", "save_every") + MACHINE_KEYS
+RESUME_MAY_CHANGE = ("steps", "val_every", "save_every", "micro_batch_tokens", "grad_checkpointing",
+                     "offload_optimizer") + MACHINE_KEYS
 
 
 def parse_args(argv=None):
@@ -120,8 +122,8 @@ def parse_args(argv=None):
     p("--turn-rewards", action="store_true",
       help="each turn's reward on that turn's last token (default: the episode score on the last token)")
     p("--worldmodel-reward", type=agent.finite_float, default=0.0,
-      help="online world-model RL: this bonus per turn for an exact <observation> and again for an exact "
-           "<prediction> (needs --mode worldmodel)")
+      help="online world-model RL: this bonus per format-valid turn for an exact <observation> and again for "
+           "an exact <prediction> (needs --mode worldmodel)")
     p("--state-loss", action=argparse.BooleanOptionalAction,
       help="--no-state-loss leaves the <observation>/<prediction> contents and the position trace before the "
            "<prediction> out of the policy loss: SFT learnt the states, PPO learns the actions (tiny preset's "
@@ -167,7 +169,8 @@ def parse_args(argv=None):
     if not 0 < args.keep_groups <= 1:
         problems.append("--keep-groups must be in (0, 1]")
     if min(args.env_groups, args.group_size, args.steps, args.mini_batch, args.ppo_epochs, args.max_turns,
-           args.val_puzzles, args.val_samples, args.max_response_tokens, args.max_context_tokens) < 1:
+           args.val_puzzles, args.val_samples, args.max_response_tokens, args.max_context_tokens,
+           args.micro_batch_tokens) < 1:
         problems.append("counts (--env-groups, --group-size, --steps, --mini-batch, ...) must be >= 1")
     if args.save_every < 1 or args.val_every < 0:
         problems.append("--save-every must be >= 1 and --val-every >= 0 (0: only at start and end)")
@@ -306,14 +309,20 @@ def turn_spans(assistant_mask):
 
 
 def worldmodel_hits(turn):
-    """(observation exact, prediction exact) of one turn record, as SFT's evaluation defines them."""
+    """(observation exact, prediction exact) of one turn record. As in evaluate.py, a prediction counts
+    only in a format-valid turn, whose actions ran; unlike it, the prediction is compared with the state
+    actually reached (on slippery FrozenLake a sample of evaluate's probability of being right)."""
     return (turn["observation"] is not None and turn["observation"] == turn["coords_before"].strip(),
-            turn["prediction"] is not None and turn["prediction"] == turn["state_after"].strip())
+            turn["format_valid"] and turn["prediction"] is not None
+            and turn["prediction"] == turn["state_after"].strip())
 
 
 def episode_rewards(ep, worldmodel_reward):
-    """Training reward per turn: the env reward + format penalty, plus the online world-model bonus."""
-    return [r + worldmodel_reward * sum(worldmodel_hits(turn)) for r, turn in zip(ep.turn_rewards, ep.turns)]
+    """Training reward per turn: the env reward + format penalty, plus the online world-model bonus,
+    paid in format-valid turns only: otherwise a turn that copies the state into both spans and
+    leaves its answer empty (so nothing moves) would earn two bonuses for one format penalty."""
+    return [r + worldmodel_reward * sum(worldmodel_hits(turn)) * turn["format_valid"]
+            for r, turn in zip(ep.turn_rewards, ep.turns)]
 
 
 def filter_groups(episodes, keep, worldmodel_reward=0.0):
@@ -323,7 +332,8 @@ def filter_groups(episodes, keep, worldmodel_reward=0.0):
     for ep in episodes:
         groups.setdefault(ep.group, []).append(sum(episode_rewards(ep, worldmodel_reward)))
     std = {g: torch.tensor(scores, dtype=torch.float64).std(unbiased=False).item() for g, scores in groups.items()}
-    chosen = set(sorted(groups, key=lambda g: (-std[g], g))[:max(1, int(keep * len(groups)))])
+    count = max(1, math.floor(keep * len(groups) + 1e-9))  # the epsilon: 0.29 * 100 is 28.999999999999996
+    chosen = set(sorted(groups, key=lambda g: (-std[g], g))[:count])
     return [ep for ep in episodes if ep.group in chosen]
 
 

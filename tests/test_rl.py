@@ -216,6 +216,15 @@ def test_worldmodel_reward_pays_exact_states_only(tiny):
     assert [rl.worldmodel_hits(t) for t in ep.turns] == [(True, True)] * len(ep.turns)
     assert rl.episode_rewards(ep, 0.1) == pytest.approx([r + 0.2 for r in ep.turn_rewards])
 
+    def copy_and_idle(ep):  # the state copied into both spans, no answer: nothing moves, so both "true"
+        return agent.replace_states("<observation></observation>go<prediction></prediction></think>"
+                                    "<answer></answer>", ep.env.render("coords"), ep.env.render("grid"))
+    (ep,) = agent.rollout(agent.text_policy(tokenizer, copy_and_idle), tokenizer, "frozenlake", [10], 1,
+                          mode="worldmodel", instruction="short", max_turns=2, env_overrides={"slippery": False})
+    assert [t["format_valid"] for t in ep.turns] == [False, False]
+    assert [rl.worldmodel_hits(t) for t in ep.turns] == [(True, False)] * 2  # as evaluate.py scores it
+    assert rl.episode_rewards(ep, 0.1) == pytest.approx(ep.turn_rewards) == [-0.1, -0.1]  # no bonus: no reward hack
+
 
 def test_state_span_mask_covers_exactly_the_state_contents(tiny):
     _, tokenizer = tiny
@@ -286,7 +295,8 @@ def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
 
 def fake_episode(group, score):
     return types.SimpleNamespace(group=group, turn_rewards=[score], turns=[{"observation": None,
-                                                                          "prediction": None}])
+                                                                          "prediction": None,
+                                                                          "format_valid": True}])
 
 
 def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
@@ -299,6 +309,8 @@ def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
     assert {ep.group for ep in rl.filter_groups(episodes, 0.5)} == {6, 1, 5, 3}
     assert {ep.group for ep in rl.filter_groups(episodes, 0.01)} == {6}  # at least one group
     assert len(rl.filter_groups(episodes, 1.0)) == len(episodes)
+    hundred = [fake_episode(g, s) for g in range(100) for s in (0.0, g + 1.0)]
+    assert len({ep.group for ep in rl.filter_groups(hundred, 0.29)}) == 29  # 0.29 * 100 is 28.999999999999996
 
 
 def test_step_puzzle_seeds_are_new_every_step_or_cycle_through_the_training_puzzles():
@@ -494,8 +506,10 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
         rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1",
                          "--actor-lr", "5e-4"))
     assert rows("moved/b")[-1]["step"] == 2
-    # the finished run run again: nothing is redone or logged twice, the same summary
-    again = rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
+    # the finished run run again: nothing is redone or logged twice, the same summary; the flags that
+    # only change how it fits in memory (the usual fix after running out of it) may differ
+    again = rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1",
+                             "--micro-batch-tokens", "2048", "--grad-checkpointing", "--offload-optimizer"))
     assert rows("moved/b") == rows("a") and again == resumed
     assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["actor_lr"] == 1e-3
     # resumed on another number of ranks: allowed (a machine setting), with a warning that it differs
