@@ -4,15 +4,16 @@ The LLM side of SPA, shared by self-play SFT, PPO and evaluation (SPEC §3, §8)
 Read top to bottom:
   1. prompts       -- the system prompt, per-env instructions, the turn template, both modes
   2. parsing       -- response text -> actions, observation, prediction, format validity
-  3. models        -- loading a Hugging Face checkpoint; random-init models of real shapes
+  3. models        -- loading a Hugging Face checkpoint (and saving one); random-init models of real shapes
   4. tiny preset   -- a from-scratch tokenizer and Qwen2 model that run on a laptop CPU
   5. sampler       -- batched generation with a KV cache, written by hand
   6. rollout       -- env_groups x group_size multi-turn episodes, every live episode's next
-                      turn generated in one batch
-  7. small pieces  -- micro-batching, JSON-lines and atomic writes, run-folder settings checks
+                      turn generated in one batch; the policies that play them
+  7. small pieces  -- what both training stages need around the method: gradient clipping, JSON-lines
+                      and atomic writes, train-state save/resume, run-folder settings checks, flag types
 
-The stages import what they need from here (and the rules from envs.py); nothing here is
-stage-specific.
+The stages import what they need from here (and the rules from envs.py); what only one stage
+needs stays in that stage's script.
 """
 import argparse
 import glob
@@ -58,6 +59,8 @@ TAGS = ("<think>", "</think>", "<observation>", "</observation>", "<prediction>"
 
 MAX_TURNS = 5
 MAX_ACTIONS_PER_TURN = 5
+MAX_RESPONSE_TOKENS = 400  # SPEC §5: tokens per turn at paper scale
+MAX_CONTEXT_TOKENS = 3600  # SPEC §5: tokens per conversation
 ACTION_SEPARATOR = "||"
 FORMAT_PENALTY = -0.1
 
@@ -149,9 +152,10 @@ def prompt_text(tokenizer, messages):
 #
 # A response (including the <think> the prompt ended with) is format-valid when it is exactly
 #   <think> ... </think> <answer> ... </answer>
-# with nothing but whitespace around, no tag nested or repeated inside a span, at least one
-# action in the answer, and -- in world-model mode -- <observation>...</observation> followed by
-# <prediction>...</prediction> inside the think span (each state tag exactly once).
+# with nothing but whitespace around, each of these four tags exactly once, no tag inside the
+# answer, at least one action in the answer, and -- in world-model mode -- <observation>...</observation>
+# followed by <prediction>...</prediction> inside the think span, each state tag exactly once. (In base
+# mode the thoughts are free text; states written there are read when each state tag occurs once.)
 #
 # Plain string search, not regular expressions with lazy groups: a model can write any junk, and
 # nested lazy groups backtrack for minutes on a few kilobytes of repeated tags.
@@ -219,6 +223,19 @@ def parse_response(response, mode, max_actions=MAX_ACTIONS_PER_TURN):
     return parsed
 
 
+def world_model_scores(env, parsed, true_observation):
+    """(observation_exact, prediction_exact, prediction_bayes) of one parsed turn (parse_response, or
+    a rollout's turn record) written at env's current state, whose coordinates render is
+    true_observation. prediction_exact is the probability that the turn's actions lead to the
+    predicted grid (0 or 1 but on slippery FrozenLake), and 0 in a format-invalid turn, whose
+    actions did not run; prediction_bayes is the best possible predictor's score on the same turn.
+    SFT's and evaluate.py's world-model accuracy are both this."""
+    outcomes = envs.next_grid_distribution(env, parsed["actions"])
+    return (float(parsed["observation"] == true_observation),
+            outcomes.get(parsed["prediction"], 0.0) if parsed["format_valid"] else 0.0,
+            max(outcomes.values()))
+
+
 # -----------------------------------------------------------------------------
 # 3. Models
 #
@@ -283,7 +300,7 @@ def load_tokenizer(name_or_path):
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False,
                                                       local_files_only=_local_files_only(name_or_path))
     except Exception as e:  # OSError (missing / offline), ValueError, json or safetensors errors (corrupt)
-        raise ModelLoadError(_load_failure(name_or_path, "tokenizer", e)) from e
+        raise ModelLoadError(load_failure(name_or_path, "tokenizer", e)) from e
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"the tokenizer of {name_or_path!r} has no chat template; SPA's prompts "
                              f"are chats (use an instruct model or a checkpoint saved by this project)")
@@ -309,14 +326,15 @@ def load_model(name_or_path, device=None, dtype=None):
                                                      trust_remote_code=False,
                                                      local_files_only=_local_files_only(name_or_path))
     except Exception as e:  # as in load_tokenizer: re-raised below with what to do about it
-        raise ModelLoadError(_load_failure(name_or_path, "model", e)) from e
+        raise ModelLoadError(load_failure(name_or_path, "model", e)) from e
     if len(tokenizer) > model.config.vocab_size:  # its ids would index past the embedding table mid-run
         raise ModelLoadError(f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens and the model's "
                              f"vocabulary {model.config.vocab_size}: they do not belong together")
     return model.to(device).eval(), tokenizer
 
 
-def _load_failure(name_or_path, what, error):
+def load_failure(name_or_path, what, error):
+    """The one line a user sees for a checkpoint that cannot be loaded: what was given, and the likely fix."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if os.path.isfile(name_or_path):
         return f"cannot load the {what}: {name_or_path!r} is a file, not a checkpoint folder"
@@ -338,7 +356,7 @@ def random_model(arch, device=None, dtype=None, seed=0):
     device = torch.device(device) if device is not None else default_device()
     config = Qwen2Config(**ARCHITECTURES[arch], attn_implementation="sdpa")
     torch.manual_seed(seed)
-    with torch.device(device):  # initialise straight on the device: no 6 GB detour through host RAM
+    with torch.device(device):  # initialise straight on the device: no detour through host RAM (3.1 GB: 1.5B in bf16)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or default_dtype(device))
     return model.eval()
 
@@ -428,7 +446,7 @@ _PRETOKEN_PATTERN = (
     r"|\(\d+,\d+\)"  # a coordinate
     r"|\d,\d,\d"  # a Sudoku move
     r"|\b(?:Up|Down|Left|Right)\b")  # a move, so that no sequence of moves merges into one token
-TINY_VOCAB_SIZE = 2048
+TINY_VOCAB_SIZE = 2048  # an upper bound: BPE runs out of merges on this corpus at about 1.9k tokens
 TINY_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10_000.0,
                   rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -461,7 +479,8 @@ def tokenizer_corpus(seed=0, episodes_per_env=300, grid_episodes=1000):
             parts = [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"]
             reward = None
             for turn in range(1, MAX_TURNS + 1):
-                parts.append(user_message(turn, env.render(), env.actions_left, mode, rng.choice((128, 400)),
+                budget = rng.choice((TINY_MAX_RESPONSE_TOKENS, MAX_RESPONSE_TOKENS))
+                parts.append(user_message(turn, env.render(), env.actions_left, mode, budget,
                                           instruction if turn == 1 else None, reward))
                 response = random_response(env, rng, mode)
                 observation, reward = env.render("coords"), 0.0
@@ -681,19 +700,18 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
-def _prefill_chunks(prompts, max_tokens=None):
-    """Prompt indices grouped by length (shortest first), at most max_tokens (default
-    PREFILL_TOKENS) padded tokens per group, so that a short prompt is not padded to the longest
-    one of the whole batch."""
-    max_tokens = PREFILL_TOKENS if max_tokens is None else max_tokens
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chunks, chunk = [], []
-    for i in order:
-        if chunk and (len(chunk) + 1) * len(prompts[i]) > max_tokens:
-            chunks.append(chunk)
-            chunk = []
-        chunk.append(i)
-    return chunks + ([chunk] if chunk else [])
+def micro_batches(batch, lengths, max_tokens):
+    """Split a batch of sequence indices into pieces of at most max_tokens padded tokens (one
+    sequence longer than that is a piece of its own), shortest sequences first so that each
+    piece holds sequences of similar length: a short sequence is not padded to the longest one of
+    the whole batch. The sampler's prefill and both training loops cut their batches with it."""
+    pieces, piece = [], []
+    for i in sorted(batch, key=lambda i: lengths[i]):
+        if piece and (len(piece) + 1) * lengths[i] > max_tokens:
+            pieces.append(piece)
+            piece = []
+        piece.append(i)
+    return pieces + ([piece] if piece else [])
 
 
 @torch.no_grad()
@@ -737,7 +755,7 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     width = max(len(p) for p in prompts)
     cache = _make_cache(model, width + max(budgets))
     logits = [None] * n
-    for chunk in _prefill_chunks(prompts):
+    for chunk in micro_batches(range(len(prompts)), [len(p) for p in prompts], PREFILL_TOKENS):
         ids, mask = left_pad([prompts[i] for i in chunk], pad_id)  # (c, w)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (c, w): 0 at each row's first real token
         chunk_cache = _make_cache(model, ids.shape[1])
@@ -846,8 +864,8 @@ def _encode(tokenizer, text):
 
 def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel", render="coords",
             instruction="full", max_turns=MAX_TURNS, max_actions_per_turn=MAX_ACTIONS_PER_TURN,
-            max_response_tokens=400, max_context_tokens=3600, format_penalty=FORMAT_PENALTY,
-            env_overrides=None):
+            max_response_tokens=MAX_RESPONSE_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS,
+            format_penalty=FORMAT_PENALTY, env_overrides=None):
     """Play len(seeds) x group_size episodes and return them (group-major order).
 
     policy(prompts, episodes, budgets) -> list of (token_ids, logprobs or None): one response per
@@ -1056,7 +1074,8 @@ def model_policy(model, tokenizer, temperature=1.0, top_p=1.0, top_k=0, generato
 
 def text_policy(tokenizer, respond):
     """A scripted policy: respond(episode) -> the response text after <think> (tests, reference
-    policies). The text is tokenised, cut to the budget, and closed with <|im_end|>."""
+    policies). The text is tokenised, closed with <|im_end|> and cut to the budget (a response cut
+    short stays unclosed, as a sampled one would)."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def policy(prompts, episodes, budgets):
@@ -1070,19 +1089,6 @@ def text_policy(tokenizer, respond):
 
 # -----------------------------------------------------------------------------
 # 7. Small pieces every training stage uses
-
-def micro_batches(batch, lengths, max_tokens):
-    """Split a batch of sequence indices into pieces of at most max_tokens padded tokens (one
-    sequence longer than that is a piece of its own), shortest sequences first so that each
-    piece holds sequences of similar length."""
-    pieces, piece = [], []
-    for i in sorted(batch, key=lambda i: lengths[i]):
-        if piece and (len(piece) + 1) * lengths[i] > max_tokens:
-            pieces.append(piece)
-            piece = []
-        piece.append(i)
-    return pieces + ([piece] if piece else [])
-
 
 def clip_gradients(model, max_norm):
     """Clip the gradients' total norm to max_norm; returns the norm before clipping. A NaN or
@@ -1170,19 +1176,27 @@ def resume_train_state(path, keys, restore, writer):
     """Load the state that save_train_state wrote at path, check it holds `keys`, and hand it to
     restore(state), which puts it into the models and optimisers. Anything wrong -- a truncated or
     foreign file, weights of another shape -- is one clear error, never a traceback or a run that
-    trains on from half a state. writer names the script, for the message."""
+    trains on from half a state. writer names the script, for the message. A bug in restore itself
+    (a NameError, say) stays a traceback: it is no reason to delete a good state."""
+    def refuse(e):
+        message = " ".join(str(e).split())  # load_state_dict's lists of mismatched shapes, on one line
+        return SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {message[:300]}); "
+                          f"delete it to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not set(keys) <= set(state):
-            raise ValueError(f"not a train state written by {writer}")
-        restore(state)
-        return state
     except torch.OutOfMemoryError:
         raise  # the state is fine; the device is full
-    except Exception as e:
-        message = " ".join(str(e).split())  # load_state_dict's lists of mismatched shapes, on one line
-        raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {message[:300]}); "
-                         f"delete it to start over") from None
+    except Exception as e:  # truncated, or not a torch file at all
+        raise refuse(e) from None
+    if not isinstance(state, dict) or not set(keys) <= set(state):
+        raise refuse(ValueError(f"not a train state written by {writer}"))
+    try:
+        restore(state)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:  # another shape, another run's state
+        raise refuse(e) from None
+    return state
 
 
 def write_json(path, obj):

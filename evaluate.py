@@ -37,7 +37,7 @@ Definitions:
   observation is scored wherever the turn wrote one. Scored over every turn in world-model mode,
   and over the turns that carry both spans in base mode (wm_turns says how many); null when
   there are none.
-  These follow worldmodel_sft.evaluate_world_model. The reference policies write the true current
+  SFT's held-out accuracy is the same (agent.world_model_scores). The reference policies write the true current
   state as their observation; random predicts "nothing changes", the oracle the most likely state.
 - exact_success: the exact success probability, averaged over the puzzles, where the env can
   compute it: FrozenLake's random and oracle rows by dynamic programming on the transition model
@@ -83,7 +83,8 @@ import envs
 
 KS = (1, 2, 4, 8, 16, 32, 64)  # pass@k is reported for these k up to --k
 REFERENCE_POLICIES = ("random", "oracle")
-PAPER_SETTINGS = {"instruction": "full", "max_response_tokens": 400, "mode": "worldmodel", "render": "coords"}
+PAPER_SETTINGS = {"instruction": "full", "max_response_tokens": agent.MAX_RESPONSE_TOKENS, "mode": "worldmodel",
+                  "render": "coords"}
 TINY_SETTINGS = {"instruction": "short", "max_response_tokens": agent.TINY_MAX_RESPONSE_TOKENS,
                  "mode": "worldmodel", "render": "coords"}
 
@@ -118,7 +119,8 @@ def parse_args(argv=None):
     parser.add_argument("--render", choices=envs.RENDER_MODES, help="state shown in the prompt: coords or grid")
     parser.add_argument("--instruction", choices=tuple(agent.INSTRUCTIONS), help="wording of the env instruction")
     parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
-    parser.add_argument("--max-context-tokens", type=int, default=3600, help="token budget per conversation")
+    parser.add_argument("--max-context-tokens", type=int, default=agent.MAX_CONTEXT_TOKENS,
+                        help="token budget per conversation")
     parser.add_argument("--temperature", type=agent.finite_float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; also the bootstrap's")
     parser.add_argument("--batch-puzzles", type=int, default=32,
@@ -153,6 +155,8 @@ def parse_args(argv=None):
     if args.env_overrides and (problem := agent.env_overrides_problem(args.env, args.env_overrides)):
         parser.error(problem)
     args.model = list(dict.fromkeys(args.model))  # each checkpoint once
+    if clash := [m for m in args.model if m in REFERENCE_POLICIES]:
+        parser.error(f"--model {clash[0]}: that is a reference row's name; give the folder as ./{clash[0]}")
     names = args.model + reference_policies(args)
     for pair in args.diff:
         if unknown := [name for name in pair if name not in names]:
@@ -181,7 +185,7 @@ def bootstrap_ci(per_puzzle, rng, resamples=1000, level=0.95):
 
 def reference_policies(args):
     """The reference rows played: those asked for with --policy, both whenever a model is evaluated."""
-    return [p for p in REFERENCE_POLICIES if p in args.policy or args.model]
+    return [p for p in REFERENCE_POLICIES if args.model or p in args.policy]
 
 
 def paired_difference(successes_a, successes_b, rng, resamples=1000, level=0.95):
@@ -279,10 +283,7 @@ def world_model_scores(ep, mode):
         if env.render("coords") != turn["coords_before"]:
             raise RuntimeError(f"{ep.env_name} seed {ep.seed}: replaying the episode did not reach turn {turn['turn']}")
         if mode == "worldmodel" or (turn["observation"] is not None and turn["prediction"] is not None):
-            outcomes = envs.next_grid_distribution(env, turn["actions"])
-            scores.append((float(turn["observation"] == turn["coords_before"]),
-                           outcomes.get(turn["prediction"], 0.0) if turn["format_valid"] else 0.0,
-                           max(outcomes.values())))
+            scores.append(agent.world_model_scores(env, turn, turn["coords_before"]))
         for action in turn["executed"]:
             env.step(action)
     return scores
@@ -352,8 +353,9 @@ def checkpoint_settings(path, args):
                                     (parent and os.path.isdir(parent))):
         # not a Hub id ("org/name"): say so now rather than after the Hub's network retries
         raise SystemExit(f"error: no checkpoint folder {path!r}")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"error: {path!r} is not a Hugging Face checkpoint folder (no config.json)")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):  # a run folder: its model/
+        raise SystemExit("error: " + agent.load_failure(path, "checkpoint", "not a Hugging Face checkpoint folder "
+                                                                          "(no config.json)"))
     if os.path.isdir(path):  # a truncated weights file fails now, not when its turn comes
         weights = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
         if not weights and not any(name.endswith(".bin") for name in os.listdir(path)):
@@ -497,9 +499,10 @@ def play_row(name, model, tokenizer, settings, env_name, seeds, ks, args, device
     """One row of the report: `name` (random, oracle, or the model given) plays env_name's puzzles
     --samples times each. Returns (row, episodes)."""
     # every row starts from --seed: a row does not depend on which other rows are in the run
-    if name == "random":
+    reference = model is None
+    if reference and name == "random":
         policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
-    elif name == "oracle":
+    elif reference:
         policy = oracle_policy(tokenizer, settings["mode"])
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -511,7 +514,6 @@ def play_row(name, model, tokenizer, settings, env_name, seeds, ks, args, device
             mode=settings["mode"], render=settings["render"], instruction=settings["instruction"],
             max_response_tokens=settings["max_response_tokens"], max_context_tokens=args.max_context_tokens,
             env_overrides=args.env_overrides)
-    reference = model is None
     row = {"name": name, "env": env_name, **summarize(episodes, ks, settings["mode"], args.seed),
            "exact_success": exact_success(env_name, name, seeds, args.env_overrides) if reference else None,
            "settings": settings}
@@ -560,8 +562,11 @@ def main(argv=None):
     # 2. play: random first, then the models, the oracle last (one model in memory at a time). Each
     # finished row is kept in played.jsonl with its episodes in episodes.jsonl: a run started again
     # (after a crash, or with more models) plays only the rows it does not find there
-    policies = [("random", None)] * ("random" in references) + [(p, p) for p in checkpoints] + \
-        [("oracle", None)] * ("oracle" in references)
+    policies = [(p, p) for p in checkpoints]  # (name, checkpoint path; None for a reference row)
+    if "random" in references:
+        policies.insert(0, ("random", None))
+    if "oracle" in references:
+        policies.append(("oracle", None))
     keys = {(name, env_name): row_key(args, device, name, env_name, checkpoints[path][1] if path else ref_settings,
                                       checkpoint_fingerprint(path) if path else tokenizer_fingerprint(ref_tokenizer))
             for name, path in policies for env_name in env_names}  # in play order

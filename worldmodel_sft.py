@@ -10,7 +10,7 @@ actions (grid); the model is then finetuned on those turns with cross entropy on
     python worldmodel_sft.py --env sokoban --data runs/sft-sokoban/dataset.jsonl --loss-spans no-states \\
         --out runs/ablation
 
-The run folder gets dataset.jsonl (every example, inspectable), metrics.jsonl, run_config.json,
+The run folder gets dataset.jsonl (every example, inspectable; not with --data), metrics.jsonl, run_config.json,
 train_state.pt (resume: run the same command again), model/ (the final Hugging Face checkpoint,
 the input of rl.py) and eval.json (world-model accuracy on held-out turns), whose numbers are also
 the last line printed.
@@ -45,7 +45,7 @@ import envs
 PRESETS = {
     # SPEC §4, reference config: 32 groups x 8 samples per batch, several batches, lr 1e-4, batch 16, 5 epochs
     "paper": dict(model=agent.DEFAULT_MODEL, behaviour="model", env_groups=32, group_size=8, batches=3,
-                  instruction="full", max_response_tokens=400, lr=1e-4, batch_size=16, epochs=5,
+                  instruction="full", max_response_tokens=agent.MAX_RESPONSE_TOKENS, lr=1e-4, batch_size=16, epochs=5,
                   max_train_tokens=None, micro_batch_tokens=16384, eval_turns=256, pack=False,
                   thought_trace=False),
     # a laptop CPU in minutes: a fresh tiny model and the random behaviour policy. Self-play costs
@@ -55,7 +55,8 @@ PRESETS = {
     # one sequence per turn), 4 a step at lr 1e-3: the copy of a state emerges abruptly after
     # enough optimiser steps, and this gets the most steps into the budget. FrozenLake plays 18
     # batches (its episodes are shorter), Sokoban 12: about 10 minutes each on a 2-core CPU
-    # (README). Sudoku keeps 16 single turns a step at 2e-3 (not retuned since).
+    # (README). Sudoku keeps 16 single turns a step at 2e-3, and a cap of 6M trained tokens that ends its
+    # run within a CPU budget (the preset's first settings; not retuned since).
     "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8,
                  batches={"frozenlake": 18, "sokoban": 12, "sudoku": 12}, instruction="short",
                  max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS,
@@ -155,7 +156,7 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Self-play data: play, rewrite each turn with the true states, one example per kept turn
 
-def examples_from_episodes(episodes, heldout_every=HELDOUT_EVERY, thought_trace=False):
+def examples_from_episodes(episodes, thought_trace=False):
     """One example per assistant turn whose response follows the world-model format
     (agent.parse_response: the observation and prediction spans, and an answer with actions).
 
@@ -165,7 +166,7 @@ def examples_from_episodes(episodes, heldout_every=HELDOUT_EVERY, thought_trace=
     true state after the actions it ran (grid rendering); with thought_trace, the thoughts end
     with the trace of the pieces' moves (agent.trace_sentence; the example's "trace"). Turns that
     break the format are dropped but stay in later prompts as they were written. Every
-    heldout_every-th puzzle of the rollout is held out (split "heldout"), the rest are "train".
+    HELDOUT_EVERY-th puzzle of the rollout is held out (split "heldout"), the rest are "train".
     """
     examples = []
     for ep in episodes:
@@ -179,7 +180,7 @@ def examples_from_episodes(episodes, heldout_every=HELDOUT_EVERY, thought_trace=
                                               turn["state_after"], trace)
                 examples.append({
                     "env": ep.env_name, "seed": ep.seed, "sample": ep.sample, "turn": k + 1,
-                    "split": "heldout" if ep.group % heldout_every == heldout_every - 1 else "train",
+                    "split": "heldout" if ep.group % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "train",
                     "messages": [dict(m) for m in messages], "response": target,
                     "observation": turn["coords_before"], "prediction": turn["state_after"], "trace": trace,
                     "actions": turn["actions"], "executed": turn["executed"], "history": [list(h) for h in history],
@@ -356,10 +357,11 @@ def conversations(examples):
     Training on a whole conversation with the loss on every kept turn is the sum of the per-turn
     examples' losses -- each turn's prompt is exactly the conversation before it, and causal
     attention sees nothing later -- but it computes each prefix once instead of once per later
-    turn (a 5-turn episode costs a third as much). The optimisation is not the same, though: a
-    step holds whole episodes, so --batch-size counts episodes; at 16 of them (about 50 turns) a
-    step the tiny model learned to copy states several times more slowly per token, at 2-5 (the
-    tiny preset) faster than with one sequence per turn, since it takes more steps."""
+    turn (a 5-turn episode of equal turns costs a third as much; the tiny preset's data, about 40%).
+    The optimisation is not the same, though: a step holds whole episodes, so --batch-size counts
+    episodes; at 16 of them (about 50 turns) a step the tiny model learned to copy states several
+    times more slowly per token, at 4 (the tiny preset) faster than with one sequence per turn,
+    since it takes more steps."""
     episodes = {}
     for ex in examples:
         episodes.setdefault((ex["env"], ex["seed"], ex["sample"]), []).append(ex)
@@ -470,7 +472,7 @@ def heldout_metrics(model, encoded, pad_id, device, max_tokens, autocast):
     right = {OBSERVATION: [0, 0], PREDICTION: [0, 0]}  # tokens right, tokens
     exact = {OBSERVATION: [0, 0], PREDICTION: [0, 0]}  # states all right, states
     lengths = [len(e[0]) for e in encoded]
-    for piece in agent.micro_batches(range(len(encoded)), lengths, max_tokens) if encoded else []:
+    for piece in agent.micro_batches(range(len(encoded)), lengths, max_tokens):
         ids, mask, labels, kinds = collate(encoded, piece, pad_id, device)
         with autocast:
             loss, count, logits, where = token_losses(model, ids, mask, labels, kinds)
@@ -542,10 +544,10 @@ def learning_rate(step, total_steps, args):
 # -----------------------------------------------------------------------------
 # World-model evaluation on held-out turns
 
-def env_at_turn(example, render="coords"):
+def env_at_turn(example):
     """The env as it stood at the start of the example's turn: reset to its seed, then replay the
     actions earlier turns ran (same seed and actions give the same slips)."""
-    env = envs.make(example["env"], **{**example.get("env_overrides", {}), "render_mode": render})
+    env = envs.make(example["env"], **{**example.get("env_overrides", {}), "render_mode": "coords"})
     env.reset(example["seed"])
     for turn_actions in example["history"]:
         for action in turn_actions:
@@ -579,13 +581,12 @@ def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_
                 tokens = tokens[:-1]
             response = agent.THINK_START + tokenizer.decode(tokens)
             parsed = agent.parse_response(response, "worldmodel")
-            outcomes = envs.next_grid_distribution(env_at_turn(ex), parsed["actions"])
+            observation_exact, prediction_exact, prediction_bayes = agent.world_model_scores(
+                env_at_turn(ex), parsed, ex["observation"])
             records.append({
                 "env": ex["env"], "seed": ex["seed"], "turn": ex["turn"], "response": response,
-                "format_valid": float(parsed["format_valid"]),
-                "observation_exact": float(parsed["observation"] == ex["observation"]),
-                "prediction_exact": outcomes.get(parsed["prediction"], 0.0) if parsed["format_valid"] else 0.0,
-                "prediction_bayes": max(outcomes.values()),
+                "format_valid": float(parsed["format_valid"]), "observation_exact": observation_exact,
+                "prediction_exact": prediction_exact, "prediction_bayes": prediction_bayes,
             })
     keys = ("observation_exact", "prediction_exact", "prediction_bayes", "format_valid")
     summary = {k: round(sum(r[k] for r in records) / max(1, len(records)), 4) for k in keys}
@@ -635,8 +636,7 @@ def main(argv=None):
                              f"use another --out, or delete the folder to start over")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     agent.write_json(os.path.join(args.out, "run_config.json"), config)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # every other draw has a generator of its own, seeded from --seed
     device = agent.default_device()
 
     # 1. the model to finetune (fp32 master weights; bf16 autocast on GPU)
@@ -759,7 +759,7 @@ def main(argv=None):
 
     # 7. world-model accuracy on held-out turns, greedy
     rng = random.Random(args.seed)
-    chosen = rng.sample(heldout, min(args.eval_turns, len(heldout))) if heldout else []
+    chosen = rng.sample(heldout, min(args.eval_turns, len(heldout)))
     summary, records = evaluate_world_model(model, tokenizer, chosen, args.max_response_tokens)
     summary.update(env=args.env, loss_spans=args.loss_spans, state_targets=args.state_targets, steps=step,
                    eval_turns=args.eval_turns)

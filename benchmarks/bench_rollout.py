@@ -81,7 +81,8 @@ def main():
     for name in envs.ENVS:  # what the format costs, per env
         start = time.perf_counter()
         scripted = agent.rollout(agent.random_policy(tokenizer, random.Random(args.seed), "worldmodel"), tokenizer,
-                                 name, seeds, args.group_size, **{**settings, "max_response_tokens": 400})
+                                 name, seeds, args.group_size,
+                                 **{**settings, "max_response_tokens": agent.MAX_RESPONSE_TOKENS})
         results[f"tokens_per_turn_{name}"] = round(tokens_per_turn(scripted), 1)
         log(f"{name}: {results[f'tokens_per_turn_{name}']} tokens per turn in the world-model format "
             f"({time.perf_counter() - start:.1f} s for {len(scripted)} scripted episodes)")

@@ -344,6 +344,8 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
     shutil.copytree(tiny_dir, truncated)
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[:-100])
+    run = tmp_path / "run"  # a training run's folder: its checkpoint is model/
+    shutil.copytree(tiny_dir, run / "model")
     out = tmp_path / "out"
     cases = {
         "invalid choice: 'chess'": ["--env", "chess", "--policy", "random"],
@@ -361,7 +363,9 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
         "no checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path / "missing")],
         "chat template": ["--env", "sokoban", "--policy", "random", "--model", str(no_template)],
         "not a Hugging Face checkpoint folder": ["--env", "sokoban", "--model", str(tmp_path)],
+        f"is a run folder; did you mean {run}/model?": ["--env", "sokoban", "--model", str(run)],
         "nothing to evaluate": ["--env", "sokoban"],
+        "a reference row's name; give the folder as ./random": ["--env", "sokoban", "--model", "random"],
         "--k must be": ["--env", "sokoban", "--policy", "random", "--samples", "4", "--k", "8"],
         "--temperature >= 0": ["--env", "sokoban", "--policy", "random", "--temperature", "-1"],
         "--max-context-tokens must be >= 1": ["--env", "sokoban", "--policy", "random", "--max-context-tokens", "0"],

@@ -235,3 +235,24 @@ def test_a_diverged_gradient_stops_the_run_before_the_optimiser_step():
     (layer(torch.ones(1, 2)) * 100).sum().backward()
     assert agent.clip_gradients(layer, 1.0) == pytest.approx(100 * 3 ** 0.5)  # the norm before clipping
     assert torch.cat([p.grad.flatten() for p in layer.parameters()]).norm() == pytest.approx(1.0)
+
+
+def test_resume_train_state_refuses_bad_states_and_keeps_code_bugs_visible(tmp_path):
+    path = str(tmp_path / "train_state.pt")
+    layer = torch.nn.Linear(2, 1)
+    agent.save_train_state(path, {"model": layer.state_dict(), "step": 3})
+    state = agent.resume_train_state(path, ("model", "step"), lambda s: layer.load_state_dict(s["model"]), "x")
+    assert state["step"] == 3
+    with pytest.raises(SystemExit, match=r"cannot resume from .*not a train state written by x.py"):
+        agent.resume_train_state(path, ("model", "optimizer"), lambda s: None, "x.py")
+    with pytest.raises(SystemExit, match=r"cannot resume from .*RuntimeError.*size mismatch.*delete it"):
+        agent.resume_train_state(path, ("model",), lambda s: torch.nn.Linear(3, 1).load_state_dict(s["model"]), "x")
+    (tmp_path / "train_state.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="cannot resume from"):
+        agent.resume_train_state(path, ("model",), lambda s: None, "x")
+
+    def buggy_restore(state):
+        return undefined_name  # noqa: F821 -- a bug in the caller, not in the state
+    agent.save_train_state(path, {"model": layer.state_dict()})
+    with pytest.raises(NameError):  # a traceback, not "delete it to start over"
+        agent.resume_train_state(path, ("model",), buggy_restore, "x")
