@@ -344,6 +344,7 @@ def read_dataset(path):
     return examples
 
 
+
 # -----------------------------------------------------------------------------
 # Tokenisation and loss masks
 
@@ -557,6 +558,22 @@ def env_at_turn(example):
                          f"replay to its recorded state; was it made with other env settings?")
     return env
 
+def split_examples(examples, path):
+    """(training turns, held-out turns) of a dataset read from path. Refuses one without either, and
+    replays every held-out turn: the evaluation after training does, and a bad one fails now, not then."""
+    train = [ex for ex in examples if ex["split"] == "train"]
+    heldout = [ex for ex in examples if ex["split"] == "heldout"]
+    if not train or not heldout:
+        raise SystemExit(f"error: {path}: no {'training' if not train else 'held-out'} turns (every turn broke "
+                         f"the format? or a --data file without them)")
+    for example in heldout:
+        try:
+            env_at_turn(example)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {path}: held-out turn {example['env']}/{example['seed']}/"
+                             f"turn {example['turn']} does not replay: {e}") from None
+    return train, heldout
+
 
 @torch.no_grad()
 def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_size=64):
@@ -639,7 +656,18 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # every other draw has a generator of its own, seeded from --seed
     device = agent.default_device()
 
-    # 1. the model to finetune (fp32 master weights; bf16 autocast on GPU)
+    # 1. the data: a given dataset (--data) or this run's from before is read and checked first, so that
+    # a bad file fails in a second rather than after a 1.5B model has loaded; else self-play, in step 2
+    dataset = args.data or (data_path if os.path.isfile(data_path) else None)
+    if dataset is not None:
+        examples = read_dataset(dataset)
+        print(f"dataset: {len(examples)} turns from {dataset}", flush=True)
+        if foreign := sorted({ex["env"] for ex in examples} - {args.env}):
+            raise SystemExit(f"error: {dataset} holds {', '.join(foreign)} turns, not {args.env}; "
+                             f"pass the --env it was made for")
+        train, heldout = split_examples(examples, dataset)
+
+    # 2. the model to finetune (fp32 master weights; bf16 autocast on GPU), and self-play if there is no data
     model_path = config["model"]
     if args.model is None:
         agent.ensure_tiny_model(model_path, seed=args.seed)
@@ -647,28 +675,10 @@ def main(argv=None):
         model, tokenizer = agent.load_model(model_path, device=device, dtype=torch.float32)
     except agent.ModelLoadError as e:
         raise SystemExit(f"error: {e}") from None
-
-    # 2. self-play data (or a given / earlier dataset)
-    if args.data is not None or os.path.isfile(data_path):
-        examples = read_dataset(args.data or data_path)
-        print(f"dataset: {len(examples)} turns from {args.data or data_path}", flush=True)
-        if foreign := sorted({ex["env"] for ex in examples} - {args.env}):
-            raise SystemExit(f"error: {args.data or data_path} holds {', '.join(foreign)} turns, not {args.env}; "
-                             f"pass the --env it was made for")
-    else:
+    if dataset is None:
         examples = self_play(args, model, tokenizer, device, data_path)
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
-    train = [ex for ex in examples if ex["split"] == "train"]
-    heldout = [ex for ex in examples if ex["split"] == "heldout"]
-    if not train or not heldout:
-        raise SystemExit(f"error: no {'training' if not train else 'held-out'} turns (every turn broke the "
-                         f"format? or a --data file without them)")
-    for example in heldout:  # the evaluation after training replays them: a bad one fails now, not then
-        try:
-            env_at_turn(example)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"error: {args.data or data_path}: held-out turn {example['env']}/{example['seed']}/"
-                             f"turn {example['turn']} does not replay: {e}") from None
+        train, heldout = split_examples(examples, data_path)
     if args.state_targets == "shuffled":  # held-out turns keep the truth: they measure the world model
         train = shuffled_states(train, random.Random(f"{args.seed}-states"))
 
@@ -681,7 +691,7 @@ def main(argv=None):
         heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout_sample)
                            if len(e[0]) <= args.max_length]
     except ValueError as e:
-        raise SystemExit(f"error: {args.data or data_path}: {e}") from None
+        raise SystemExit(f"error: {dataset or data_path}: {e}") from None
     lengths = [len(e[0]) for e in encoded]
     if not encoded:
         raise SystemExit(f"error: no training sequence fits in --max-length {args.max_length}")

@@ -528,7 +528,7 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
         sft.main(SMALL + ["--out", str(run)])
 
 
-def test_a_bad_dataset_row_is_found_before_training(tmp_path, tiny):
+def test_a_bad_dataset_row_is_found_before_training(tmp_path, tiny, monkeypatch):
     _, tokenizer = tiny
     episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(0), "worldmodel"), tokenizer, "frozenlake",
                              list(range(5)), 2, instruction="short", max_turns=2)
@@ -536,13 +536,16 @@ def test_a_bad_dataset_row_is_found_before_training(tmp_path, tiny):
     heldout = next(i for i, ex in enumerate(examples) if ex["split"] == "heldout" and ex["turn"] == 2)
     path = tmp_path / "data.jsonl"
 
-    def fails(change, message, row=heldout):
+    def fails(change, message, row=heldout, before_the_model=True):
         rows = [dict(ex) for ex in examples]
         change(rows[row])
         agent.write_jsonl(str(path), rows)
         out = tmp_path / f"out{len(os.listdir(tmp_path))}"
-        with pytest.raises(SystemExit, match=message):
-            sft.main(SMALL + ["--data", str(path), "--out", str(out)])
+        with monkeypatch.context() as patch:
+            if before_the_model:  # a bad file fails in a second, not after a 1.5B model has loaded
+                patch.setattr(agent, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+            with pytest.raises(SystemExit, match=message):
+                sft.main(SMALL + ["--data", str(path), "--out", str(out)])
         assert not (out / "metrics.jsonl").exists()  # nothing was trained
     # a held-out turn the evaluation after training could not replay: found now, not after training
     fails(lambda ex: ex.update(observation="P___"), "does not replay")
@@ -551,8 +554,9 @@ def test_a_bad_dataset_row_is_found_before_training(tmp_path, tiny):
     fails(lambda ex: ex.update(seed=-3), r"seed -3 \(puzzle seeds are >= 0\)")
     fails(lambda ex: ex.update(seed=True), "seed of the wrong type")
     fails(lambda ex: ex.update(response=ex["response"].replace("<observation>", "")),
-          "data.jsonl: frozenlake seed 0 turn 1: ", row=0)
+          "data.jsonl: frozenlake seed 0 turn 1: ", row=0, before_the_model=False)  # found by the tokenizer
     agent.write_jsonl(str(path), [{**ex, "split": "train"} for ex in examples])
+    monkeypatch.setattr(agent, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
     with pytest.raises(SystemExit, match="no held-out turns"):
         sft.main(SMALL + ["--data", str(path), "--out", str(tmp_path / "none-held-out")])
     agent.write_jsonl(str(path), examples)
