@@ -390,6 +390,13 @@ def save_checkpoint(model, tokenizer, out_dir, run_config=None):
         tokenizer.save_pretrained(tmp)
         if run_config is not None:
             write_json(os.path.join(tmp, "run_config.json"), run_config)
+        # mkdtemp (and some writers) make private files: give the checkpoint the permissions of any other
+        # new file, so that a colleague on a shared machine can evaluate it
+        umask = os.umask(0o022)
+        os.umask(umask)  # reading the umask sets it: set it back
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), (0o777 if os.path.isdir(os.path.join(tmp, name)) else 0o666) & ~umask)
         if os.path.exists(out_dir):
             os.rename(out_dir, out_dir + ".old")
             os.rename(tmp, out_dir)

@@ -740,7 +740,7 @@ def main(argv=None):
             elapsed = time.perf_counter() - start
             row = {"step": step, "epoch": epoch, "train/loss": round(loss, 5), "train/lr": lr,
                    "train/grad_norm": round(grad_norm, 4), "train/padding_share": round(1 - real / computed, 4),
-                   "perf/tokens_per_s": round(computed / elapsed, 1)}
+                   "perf/tokens_per_s": round(computed / elapsed, 1)}  # computed, padding included: as bench_sft
             agent.append_jsonl(metrics_path, row)
             progress.update(1)
             progress.set_postfix(loss=row["train/loss"], lr=f"{lr:.2e}")
@@ -754,18 +754,20 @@ def main(argv=None):
         save_train_state(state_path, model, optimizer, step, epoch + 1, 0)
         trained = True
     progress.close()
-    eval_path = os.path.join(args.out, "eval.json")
-    if not trained and os.path.isdir(os.path.join(args.out, "model")) and os.path.isfile(eval_path):
+    eval_path, model_dir = os.path.join(args.out, "eval.json"), os.path.join(args.out, "model")
+    if not trained and os.path.isdir(model_dir) and os.path.isfile(eval_path):
         with open(eval_path) as f:
             summary = json.load(f)
         if summary.get("eval_turns") == args.eval_turns:  # finished before, and evaluated as asked now
-            print(f"finished before: {args.out}/model and its evaluation", flush=True)
-            print(json.dumps(summary), flush=True)
+            print(f"finished before: {model_dir} and its evaluation", flush=True)
+            print(json.dumps(summary, sort_keys=True), flush=True)
             return summary
 
-    # 6. the final checkpoint: a Hugging Face folder, the input of rl.py
-    final = agent.save_checkpoint(model, tokenizer, os.path.join(args.out, "model"), run_config=config)
-    print(f"checkpoint: {final}", flush=True)
+    # 6. the final checkpoint: a Hugging Face folder, the input of rl.py. A finished run evaluated again
+    # (another --eval-turns) leaves its checkpoint as it is: evaluate.py would take a rewritten one for a
+    # retrained one and play it again
+    if trained or not os.path.isdir(model_dir):
+        print(f"checkpoint: {agent.save_checkpoint(model, tokenizer, model_dir, run_config=config)}", flush=True)
 
     # 7. world-model accuracy on held-out turns, greedy
     rng = random.Random(args.seed)
@@ -775,7 +777,7 @@ def main(argv=None):
                    eval_turns=args.eval_turns)
     agent.write_jsonl(os.path.join(args.out, "eval_samples.jsonl"), records)
     agent.write_json(eval_path, summary)  # last: bench_learning's "stage done" mark
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summary, sort_keys=True), flush=True)  # as eval.json, and a finished run started again
     return summary
 
 

@@ -25,12 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
+import envs  # noqa: E402
 import rl  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="sokoban", help="environment")
+    parser.add_argument("--env", default="sokoban", choices=envs.ENVS, help="environment")
     parser.add_argument("--arch", choices=agent.ARCHITECTURES, help="random-init real architecture (GPU)")
     parser.add_argument("--env-groups", type=int, default=32, help="distinct puzzles per step")
     parser.add_argument("--group-size", type=int, default=8, help="samples per puzzle")

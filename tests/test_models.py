@@ -194,6 +194,10 @@ def test_save_checkpoint_is_atomic_and_replaces(tmp_path, tiny):
     agent.save_checkpoint(model, tokenizer, str(out), run_config={"step": 2})
     assert json.loads((out / "run_config.json").read_text()) == {"step": 2}
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary or old folders left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)  # not mkdtemp's private 0o700
+    assert {oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == {oct(0o666 & ~umask)}
 
     class Exploding(torch.nn.Module):
         def save_pretrained(self, path, **kwargs):

@@ -410,6 +410,11 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     assert os.stat(tmp_path / "renamed" / "model" / "model.safetensors").st_mtime_ns == model_time
     assert [json.loads(line) for line in open(tmp_path / "renamed" / "metrics.jsonl")] == rows_b
     monkeypatch.undo()
+    # another --eval-turns: evaluated again; the checkpoint is left as it is (evaluate.py keys a row
+    # on its files' times, and would play a rewritten one again)
+    again = sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--eval-turns", "2"])
+    assert again["eval_turns"] == 2 and again["heldout_turns"] == 2
+    assert os.stat(tmp_path / "renamed" / "model" / "model.safetensors").st_mtime_ns == model_time
     # the same folder with other settings would train another run on this one's data and state
     with pytest.raises(SystemExit, match=r"cannot continue \(lr: 0.001 there, 0.002 now\)"):
         sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--lr", "2e-3"])
