@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -1157,6 +1158,16 @@ def read_jsonl(path):
     if isinstance(row, dict):
         rows.append(row)  # a whole row with no newline after it
     return rows
+
+
+def run_script(main, on_interrupt):
+    """A stage script's entry point: main(argv), and on Ctrl-C one line saying how to continue (the
+    state the run saved is on disk) instead of a traceback from wherever it was; exit status 130."""
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. {on_interrupt}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def write_atomically(path, write):

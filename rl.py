@@ -8,23 +8,25 @@ Stage 2 of SPA: multi-turn PPO with GAE on one GPU (SPEC §5), written by hand.
         --out runs/online-sokoban                                                       # online world-model RL
     torchrun --nproc_per_node=2 rl.py --env sokoban ...                                # data parallel
 
-One PPO step:
-  1. rollout    -- env_groups x group_size multi-turn episodes with the current policy (agent.rollout);
-                   each conversation is one token sequence, the assistant tokens are the actions
-  2. filter     -- keep the groups (puzzles) whose episode scores vary most: a group where every
-                   sample scored the same has nothing to compare (under torchrun each rank
-                   filters the groups it played)
-  3. score      -- the log-probs of the acting policy (recomputed with the training forward pass),
-                   the critic's values and, with --kl-coef > 0, the reference policy's log-probs
-  4. advantages -- the episode score on its last token (or each turn's reward on that turn's last
-                   token), GAE over the assistant tokens only: prompt tokens in between are skipped
-                   as if the assistant's tokens were one sequence
-  5. update     -- PPO's clipped objective (asymmetric clip), entropy bonus, optional KL to the
-                   starting policy (on every response token, states included), clipped
-                   value loss; token means over the mini-batch, gradient accumulation over
-                   micro-batches, gradient clipping; separate actor and critic optimisers.
-Then the step's metrics line, validation every --val-every steps and a resumable save. main()
-numbers these steps in its loop.
+One PPO step, numbered as main() numbers it in its loop:
+  1. rollout      -- env_groups x group_size multi-turn episodes with the current policy (agent.rollout);
+                     each conversation is one token sequence, the assistant tokens are the actions
+  2. filter       -- keep the groups (puzzles) whose episodes' training rewards vary most: a group where
+                     every sample scored the same has nothing to compare (under torchrun each rank
+                     filters the groups it played)
+  3. old log-probs and values -- the log-probs of the acting policy (recomputed with the training
+                     forward pass), the critic's values and, with --kl-coef > 0, the reference policy's
+                     log-probs
+  4. rewards      -- the episode score on its last token (or each turn's reward on that turn's last
+                     token); laid out with the batch, before step 3
+  5. GAE          -- over the assistant tokens only: prompt tokens in between are skipped as if the
+                     assistant's tokens were one sequence; advantages whitened over the policy-loss tokens
+  6. epochs x mini-batches -- PPO's clipped objective (asymmetric clip), entropy bonus, optional KL to
+                     the starting policy (on every response token, states included), clipped value
+                     loss; token means over the mini-batch, gradient accumulation over micro-batches,
+                     gradient clipping; separate actor and critic optimisers
+  7. log          -- the step's metrics line (and validation every --val-every steps)
+  8. checkpoint   -- a resumable save every --save-every steps
 
 The run folder gets run_config.json, metrics.jsonl (one line per step, plus validation lines),
 train_state.pt (resume: run the same command again) and model/ (the final actor as a Hugging Face
@@ -67,7 +69,8 @@ PRESETS = {
     # in, 20 steps on FrozenLake took format validity from 0.93 to 0.60; without, it stayed 0.95). No KL
     # penalty, as in the paper; but then nothing holds the states left out of the loss, and on 8 fixed
     # Sokoban maps they drifted until format validity fell from 0.98 to 0.56 in 9 steps: --kl-coef 0.1
-    # held it at 0.89 or above (README, the comparison)
+    # held it at 0.89 or above (README, the comparison). The preset keeps the paper's 0: add --kl-coef 0.1
+    # when training on a few fixed puzzles (--train-puzzles), as the comparison's --fixed-maps runs do
     "tiny": dict(model=None, mode="worldmodel", state_loss=False, instruction="short", env_groups=16,
                  group_size=8, steps=50, actor_lr=2e-4, critic_lr=1e-3, mini_batch=32, micro_batch_tokens=8192,
                  max_response_tokens=agent.TINY_MAX_RESPONSE_TOKENS, max_context_tokens=1024,
@@ -79,8 +82,8 @@ PRESETS = {
 MACHINE_KEYS = ("device", "world_size", "parameters", "memory_plan_gb")
 # What may differ when a run is resumed: how long it runs, how often it validates and saves, how it
 # fits in memory (the same gradients, accumulated in other pieces, equal up to rounding: the usual fix
-# after running out of memory), and the machine (everything else would change the run being continued; a moved folder is not a change:
-# agent.settings_changed lets the recorded paths follow it)
+# after running out of memory), and the machine (everything else would change the run being continued;
+# a moved folder is not a change: agent.settings_changed lets the recorded paths follow it)
 RESUME_MAY_CHANGE = ("steps", "val_every", "save_every", "micro_batch_tokens", "grad_checkpointing",
                      "offload_optimizer") + MACHINE_KEYS
 
@@ -154,7 +157,8 @@ def parse_args(argv=None):
     # validation and saving
     p("--val-every", type=int, default=10, help="steps between validations (0: only at start and end)")
     p("--val-puzzles", type=int, help="validation puzzles (seeds from --val-seed-start)")
-    p("--val-samples", type=int, help="samples per validation puzzle (Pass@k for k up to this)")
+    p("--val-samples", type=int,
+      help="samples per validation puzzle (Pass@k for k = 1, 2, 4, ... up to this, at most 32)")
     p("--val-seed-start", type=int, default=123, help="first validation seed (SPEC §3)")
     p("--save-every", type=int, default=10, help="steps between resumable saves")
     args = parser.parse_args(argv)
@@ -240,11 +244,6 @@ def all_reduce_grads(model):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-
-
-def seed_for(*key):
-    """A 63-bit seed from any key; the same key gives the same seed on every machine."""
-    return random.Random("-".join(map(str, key))).getrandbits(63)
 
 
 # -----------------------------------------------------------------------------
@@ -338,27 +337,27 @@ def filter_groups(episodes, keep, worldmodel_reward=0.0):
 
 
 def build_batch(episodes, tokenizer, args):
-    """Right-padded (N, T) tensors: ids, attention (1 on real tokens), action (1 on assistant
-    tokens: GAE and the value loss), policy (the tokens in the policy loss), rewards, and the
+    """Right-padded (N, T) tensors: ids, attention (1 on real tokens), assistant (1 on assistant
+    tokens: GAE and the value loss), policy (1 on the tokens in the policy loss), rewards, and the
     sampler's log-probs. Episodes without an assistant token (a prompt over the context budget)
     are dropped."""
     episodes = [ep for ep in episodes if any(ep.assistant_mask)]
     n, width = len(episodes), max((len(ep.tokens) for ep in episodes), default=1)
-    batch = {k: torch.zeros(n, width, dtype=torch.long) for k in ("ids", "attention", "action", "policy")}
+    batch = {k: torch.zeros(n, width, dtype=torch.long) for k in ("ids", "attention", "assistant", "policy")}
     batch["rewards"] = torch.zeros(n, width)
     batch["sampler_logprobs"] = torch.zeros(n, width)
     for row, ep in enumerate(episodes):
         length = len(ep.tokens)
         batch["ids"][row, :length] = torch.tensor(ep.tokens)
         batch["attention"][row, :length] = 1
-        batch["action"][row, :length] = torch.tensor(ep.assistant_mask)
+        batch["assistant"][row, :length] = torch.tensor(ep.assistant_mask)
         batch["sampler_logprobs"][row, :length] = torch.tensor(ep.logprobs)
-        policy = list(ep.assistant_mask)
+        policy_mask = list(ep.assistant_mask)
         if not args.state_loss:
             for first, last in turn_spans(ep.assistant_mask):
                 for i, m in enumerate(state_span_mask(tokenizer, ep.tokens[first:last + 1])):
-                    policy[first + i] &= 1 - m
-        batch["policy"][row, :length] = torch.tensor(policy)
+                    policy_mask[first + i] &= 1 - m
+        batch["policy"][row, :length] = torch.tensor(policy_mask)
         rewards = episode_rewards(ep, args.worldmodel_reward)
         if args.turn_rewards:
             for end, reward in zip(ep.turn_ends, rewards):
@@ -448,6 +447,8 @@ def value_loss_terms(values, old_values, returns, clip):
 
 def kl_terms(logp, ref_logp):
     """Per-token KL(policy || reference), the non-negative low-variance estimator (k3)."""
+    # numerical guards: the log-ratio clamp keeps exp from overflowing, and the cap keeps one token's
+    # runaway KL from dominating the token mean (a capped token gets no gradient from this term)
     log_ratio = (ref_logp - logp).clamp(-20, 20)
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
 
@@ -465,11 +466,12 @@ def whiten(x, mask, device):
 # One PPO step on this rank's batch
 
 @torch.no_grad()
-def score_batch(actor, critic, reference, batch, args, device, autocast):
-    """Old log-probs (the training forward pass, not the sampler's), values and reference
-    log-probs for every row, in micro-batches; then advantages and returns."""
+def old_policy_forward(actor, critic, reference, batch, args, device, autocast):
+    """Adds to the batch, for every row, in micro-batches: old_logprobs (the acting policy's, from
+    the training forward pass, not the sampler's), values and, with a reference model,
+    ref_logprobs."""
     n, width = batch["ids"].shape
-    for key in ("old_logprobs", "values", "ref_logprobs"):
+    for key in ("old_logprobs", "values") + (("ref_logprobs",) if reference is not None else ()):
         batch[key] = torch.zeros(n, width)
     actor.eval()
     critic.eval()
@@ -477,16 +479,18 @@ def score_batch(actor, critic, reference, batch, args, device, autocast):
         mb = rows_of(batch, rows, device)
         w = mb["ids"].shape[1]
         with autocast:
-            batch["old_logprobs"][rows, :w] = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"],
+            batch["old_logprobs"][rows, :w] = token_logprobs(actor, mb["ids"], mb["attention"], mb["assistant"],
                                                              args.temperature)[0].cpu()
-            batch["values"][rows, :w] = token_values(critic, mb["ids"], mb["attention"], mb["action"]).cpu()
+            batch["values"][rows, :w] = token_values(critic, mb["ids"], mb["attention"], mb["assistant"]).cpu()
             if reference is not None:
                 batch["ref_logprobs"][rows, :w] = token_logprobs(reference, mb["ids"], mb["attention"],
-                                                                 mb["action"], args.temperature)[0].cpu()
-    batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["action"], args.gamma,
-                                                args.lam)
-    if not args.no_whiten:  # over the tokens the policy loss uses (without the states under --no-state-loss)
-        batch["advantages"] = whiten(batch["advantages"], batch["policy"], device)
+                                                                 mb["assistant"], args.temperature)[0].cpu()
+
+
+def seed_for(*key):
+    """A 63-bit seed from any key; the same key gives the same seed on every machine. Every draw of
+    the run is keyed by (--seed, what, step, rank), so a resumed run draws what an uninterrupted one would."""
+    return random.Random("-".join(map(str, key))).getrandbits(63)
 
 
 def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, autocast, step):
@@ -497,7 +501,7 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
     per_rank = args.mini_batch // world
     stats = dict.fromkeys(("pg_loss", "entropy", "clip_low", "clip_high", "approx_kl", "approx_kl_outside", "kl_ref",
                            "policy_tokens", "outside_tokens",
-                           "value_loss", "value_clip", "value_tokens", "actor_grad_norm", "critic_grad_norm",
+                           "value_loss", "value_clip", "response_tokens", "actor_grad_norm", "critic_grad_norm",
                            "optimizer_steps"), 0.0)
     actor.train()
     critic.train()
@@ -512,42 +516,42 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
             # the token counts of the whole mini-batch, over all ranks: every micro-batch's summed
             # loss is divided by them, so the accumulated gradient is a token mean
             policy_tokens, response_tokens = all_sum([batch["policy"][rows].sum().item(),
-                                                      batch["action"][rows].sum().item()], device)
-            for micro in agent.micro_batches(rows, batch["lengths"], args.micro_batch_tokens) if rows else []:
+                                                      batch["assistant"][rows].sum().item()], device)
+            for micro in agent.micro_batches(rows, batch["lengths"], args.micro_batch_tokens):
                 mb = rows_of(batch, micro, device)
-                policy, action = mb["policy"].float(), mb["action"].float()
+                policy_mask, assistant_mask = mb["policy"].float(), mb["assistant"].float()  # (b, T)
+                outside = assistant_mask - policy_mask  # response tokens left out of the policy loss (the states)
                 with autocast:
-                    logp, entropy = token_logprobs(actor, mb["ids"], mb["attention"], mb["action"], args.temperature,
-                                                    with_entropy=True)
+                    logp, entropy = token_logprobs(actor, mb["ids"], mb["attention"], mb["assistant"],
+                                                    args.temperature, with_entropy=True)
                 pg, low, high = policy_loss_terms(logp, mb["old_logprobs"], mb["advantages"], args.clip_low,
                                                   args.clip_high)
-                actor_loss = ((pg - args.entropy_coef * entropy) * policy).sum() / max(policy_tokens, 1)
+                actor_loss = ((pg - args.entropy_coef * entropy) * policy_mask).sum() / max(policy_tokens, 1)
                 if args.kl_coef > 0:
                     # over every response token, the states too: with --no-state-loss the policy
                     # gradient leaves them alone, and this is what keeps the SFT's world model
                     kl = kl_terms(logp, mb["ref_logprobs"])
-                    actor_loss = actor_loss + args.kl_coef * (kl * action).sum() / max(response_tokens, 1)
-                    stats["kl_ref"] += (kl * action).sum().item()
+                    actor_loss = actor_loss + args.kl_coef * (kl * assistant_mask).sum() / max(response_tokens, 1)
                 actor_loss.backward()  # before the critic's forward: one activation graph alive at a time
                 with autocast:
-                    values = token_values(critic, mb["ids"], mb["attention"], mb["action"])
+                    values = token_values(critic, mb["ids"], mb["attention"], mb["assistant"])
                 vl, vclipped = value_loss_terms(values, mb["values"], mb["returns"], args.value_clip)
-                ((vl * action).sum() / max(response_tokens, 1)).backward()
-                stats["pg_loss"] += (pg * policy).sum().item()
-                stats["entropy"] += (entropy * policy).sum().item()
-                stats["clip_low"] += (low * policy).sum().item()
-                stats["clip_high"] += (high * policy).sum().item()
-                # how far the policy moved from the one that acted: on the tokens of the policy loss, and
-                # on the response tokens outside it (the states with --no-state-loss), which nothing
-                # but the KL term holds in place while the shared weights move
+                ((vl * assistant_mask).sum() / max(response_tokens, 1)).backward()
+                # the step's statistics, each a sum over its mask (step_metrics divides them by the token
+                # counts). approx_kl: how far the policy moved from the one that acted, on the tokens of
+                # the policy loss and on those outside it, which nothing but the KL term holds in place
+                # while the shared weights move
                 moved = kl_terms(mb["old_logprobs"], logp.detach())
-                stats["approx_kl"] += (moved * policy).sum().item()
-                stats["approx_kl_outside"] += (moved * (action - policy)).sum().item()
-                stats["policy_tokens"] += policy.sum().item()
-                stats["outside_tokens"] += (action - policy).sum().item()
-                stats["value_loss"] += (vl * action).sum().item()
-                stats["value_clip"] += (vclipped * action).sum().item()
-                stats["value_tokens"] += action.sum().item()
+                sums = {"pg_loss": (pg, policy_mask), "entropy": (entropy, policy_mask),
+                        "clip_low": (low, policy_mask), "clip_high": (high, policy_mask),
+                        "approx_kl": (moved, policy_mask), "approx_kl_outside": (moved, outside),
+                        "policy_tokens": (1, policy_mask), "outside_tokens": (1, outside),
+                        "value_loss": (vl, assistant_mask), "value_clip": (vclipped, assistant_mask),
+                        "response_tokens": (1, assistant_mask)}
+                if args.kl_coef > 0:
+                    sums["kl_ref"] = (kl, assistant_mask)
+                for key, (x, mask) in sums.items():
+                    stats[key] += (x * mask).sum().item()
             for model, optimizer, key in ((actor, actor_opt, "actor_grad_norm"), (critic, critic_opt,
                                                                                    "critic_grad_norm")):
                 all_reduce_grads(model)
@@ -558,16 +562,15 @@ def update(actor, critic, actor_opt, critic_opt, batch, args, world, device, aut
     return stats
 
 
-def move_optimizer_state(optimizer, device):
-    """Move AdamW's moments (2 x 4 bytes per parameter) to the device or to CPU memory."""
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                state[key] = value.to(device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # Validation: fixed puzzles, n samples each, Pass@k with evaluate.py's unbiased estimator
+
+def rollout_kwargs(args):
+    """agent.rollout's settings from the flags: training and validation play alike."""
+    return dict(mode=args.mode, render=args.render, instruction=args.instruction, max_turns=args.max_turns,
+                max_response_tokens=args.max_response_tokens, max_context_tokens=args.max_context_tokens,
+                env_overrides=args.env_overrides)
+
 
 @torch.no_grad()
 def validate(model, tokenizer, args, rank, world, device, step):
@@ -592,14 +595,14 @@ def validate(model, tokenizer, args, rank, world, device, step):
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def rollout_kwargs(args):
-    return dict(mode=args.mode, render=args.render, instruction=args.instruction, max_turns=args.max_turns,
-                max_response_tokens=args.max_response_tokens, max_context_tokens=args.max_context_tokens,
-                env_overrides=args.env_overrides)
-
-
 # -----------------------------------------------------------------------------
 # Memory plan and checkpoints
+
+def sampler_dtype(args, device):
+    if args.rollout_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32
+
 
 def memory_plan(n_params, config, args, device, world):
     """Estimated peak GPU memory of one rank, in GB, in the two phases of a step. Always resident:
@@ -628,10 +631,12 @@ def memory_plan(n_params, config, args, device, world):
     return {k: round(v, 2) for k, v in plan.items()}
 
 
-def sampler_dtype(args, device):
-    if args.rollout_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32
+def move_optimizer_state(optimizer, device):
+    """Move AdamW's moments (2 x 4 bytes per parameter) to the device or to CPU memory."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device, non_blocking=True)
 
 
 def save_train_state(path, actor, critic, actor_opt, critic_opt, step):
@@ -652,48 +657,61 @@ def resume(path, actor, critic, actor_opt, critic_opt):
 # -----------------------------------------------------------------------------
 # What a step reports
 
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux: the process's peak RSS
+
+
 def step_metrics(step, episodes, batch, stats, args, device, world, timings):
     """One metrics line, reduced over ranks: rollout statistics over all episodes, PPO statistics
     over the kept ones."""
     turns = [t for ep in episodes for t in ep.turns]
     hits = [worldmodel_hits(t) for t in turns]
-    action = batch["action"].bool()
-    returns, values = batch["returns"][action], batch["values"][action]
-    local = [len(episodes), sum(ep.score for ep in episodes), sum(ep.success for ep in episodes),
-             sum(len(ep.turns) for ep in episodes), sum(len(t["executed"]) for t in turns),
-             len(turns), sum(t["format_valid"] for t in turns), sum(h[0] for h in hits), sum(h[1] for h in hits),
-             sum(sum(ep.assistant_mask) for ep in episodes), sum(len(ep.tokens) for ep in episodes),
-             len(batch["lengths"]), returns.numel(), returns.sum().item(), (returns ** 2).sum().item(),
-             (returns - values).sum().item(), ((returns - values) ** 2).sum().item(),
-             batch["sampler_logprobs"][action].sub(batch["old_logprobs"][action]).abs().sum().item()]
-    keys = list(stats)
-    total = all_sum(local + [stats[k] for k in keys], device)
-    (n_eps, score, success, n_turns, executed, turn_count, valid, obs_hits, pred_hits, generated, tokens, kept,
-     n_values, ret_sum, ret_sq, err_sum, err_sq, sampler_gap) = total[:len(local)]
-    s = dict(zip(keys, total[len(local):]))
+    assistant = batch["assistant"].bool()
+    returns, values = batch["returns"][assistant], batch["values"][assistant]
+    sampler_gap = (batch["sampler_logprobs"][assistant] - batch["old_logprobs"][assistant]).abs()
+    sums = {"episodes": len(episodes), "score": sum(ep.score for ep in episodes),
+            "success": sum(ep.success for ep in episodes), "turns": len(turns),
+            "actions": sum(len(t["executed"]) for t in turns), "format_valid": sum(t["format_valid"] for t in turns),
+            "observation_hits": sum(h[0] for h in hits), "prediction_hits": sum(h[1] for h in hits),
+            "generated_tokens": sum(sum(ep.assistant_mask) for ep in episodes),
+            "episode_tokens": sum(len(ep.tokens) for ep in episodes),  # prompts included
+            "kept_episodes": len(batch["lengths"]), "kept_assistant_tokens": returns.numel(),
+            "return_sum": returns.sum().item(), "return_square": (returns ** 2).sum().item(),
+            "error_sum": (returns - values).sum().item(), "error_square": ((returns - values) ** 2).sum().item(),
+            "sampler_gap": sampler_gap.sum().item(), **stats}
+    s = dict(zip(sums, all_sum(list(sums.values()), device)))
 
     def var(total, square, count):
         return square / max(count, 1) - (total / max(count, 1)) ** 2
-    ptoks, vtoks, opt_steps = max(s["policy_tokens"], 1), max(s["value_tokens"], 1), max(s["optimizer_steps"], 1)
-    ret_var = var(ret_sum, ret_sq, n_values)
+    n_eps, n_turns, n_values = s["episodes"], max(s["turns"], 1), s["kept_assistant_tokens"]
+    policy_tokens, response_tokens = max(s["policy_tokens"], 1), max(s["response_tokens"], 1)
+    opt_steps = max(s["optimizer_steps"], 1)
+    ret_var = var(s["return_sum"], s["return_square"], n_values)
+    explained_var = 1 - var(s["error_sum"], s["error_square"], n_values) / ret_var if ret_var > 1e-12 else 0.0
     row = {
         "step": step,
-        "train/reward": score / n_eps, "train/success": success / n_eps, "train/turns": n_turns / n_eps,
-        "train/actions": executed / n_eps, "train/format_valid": valid / max(turn_count, 1),
-        "train/observation_exact": obs_hits / max(turn_count, 1),
-        "train/prediction_exact": pred_hits / max(turn_count, 1),
-        "train/response_tokens": generated / max(turn_count, 1), "train/kept_episodes": kept,
-        "actor/pg_loss": s["pg_loss"] / ptoks, "actor/entropy": s["entropy"] / ptoks,
-        "actor/clip_frac_low": s["clip_low"] / ptoks, "actor/clip_frac_high": s["clip_high"] / ptoks,
-        "actor/approx_kl": s["approx_kl"] / ptoks,
+        "train/reward": s["score"] / n_eps, "train/success": s["success"] / n_eps,
+        "train/turns": s["turns"] / n_eps, "train/actions": s["actions"] / n_eps,
+        "train/format_valid": s["format_valid"] / n_turns,
+        "train/observation_exact": s["observation_hits"] / n_turns,
+        "train/prediction_exact": s["prediction_hits"] / n_turns,
+        "train/response_tokens": s["generated_tokens"] / n_turns, "train/kept_episodes": s["kept_episodes"],
+        "actor/pg_loss": s["pg_loss"] / policy_tokens, "actor/entropy": s["entropy"] / policy_tokens,
+        "actor/clip_frac_low": s["clip_low"] / policy_tokens, "actor/clip_frac_high": s["clip_high"] / policy_tokens,
+        "actor/approx_kl": s["approx_kl"] / policy_tokens,
         "actor/approx_kl_outside_loss": s["approx_kl_outside"] / max(s["outside_tokens"], 1),
-        "actor/kl_ref": s["kl_ref"] / vtoks,
-        "actor/grad_norm": s["actor_grad_norm"] / opt_steps,  # the same on every rank: summed, then / steps
-        "actor/sampler_logprob_gap": sampler_gap / max(n_values, 1),
-        "critic/value_loss": s["value_loss"] / vtoks, "critic/value_clip_frac": s["value_clip"] / vtoks,
-        "critic/explained_var": 1 - var(err_sum, err_sq, n_values) / ret_var if ret_var > 1e-12 else 0.0,
-        "critic/grad_norm": s["critic_grad_norm"] / opt_steps,
-        "perf/tokens_per_s": tokens / timings["step_s"], "perf/peak_mem_gb": peak_memory_gb(device),
+        "actor/kl_ref": s["kl_ref"] / response_tokens,
+        # each rank clips the gradient already summed over ranks, so every rank adds the same norm: the
+        # sum over ranks is world x the sum over optimiser steps, and optimizer_steps, summed over ranks
+        # too, is world x their number; the ratio is the mean norm per optimiser step (critic's alike)
+        "actor/grad_norm": s["actor_grad_norm"] / opt_steps,
+        "actor/sampler_logprob_gap": s["sampler_gap"] / max(n_values, 1),
+        "critic/value_loss": s["value_loss"] / response_tokens,
+        "critic/value_clip_frac": s["value_clip"] / response_tokens,
+        "critic/explained_var": explained_var, "critic/grad_norm": s["critic_grad_norm"] / opt_steps,
+        "perf/tokens_per_s": s["episode_tokens"] / timings["step_s"], "perf/peak_mem_gb": peak_memory_gb(device),
         **{f"perf/{k}": v for k, v in timings.items()},
     }
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
@@ -708,12 +726,6 @@ def ranks_in_sync(actor, critic, world, device):
     gathered = [torch.zeros_like(sums) for _ in range(world)]
     dist.all_gather(gathered, sums)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux: the process's peak RSS
 
 
 # -----------------------------------------------------------------------------
@@ -742,7 +754,7 @@ def main(argv=None):
                   f"so the run continues, but not as it would have on {ranks_before}", file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
 
-    # 1. models: the actor and the critic start from the same checkpoint (fp32 master weights;
+    # models: the actor and the critic start from the same checkpoint (fp32 master weights;
     # bf16 autocast for the forward passes on GPU)
     model_path = config["model"]
     if args.model is None:  # tiny preset without --model: a fresh tiny model (vanilla PPO from scratch)
@@ -802,7 +814,7 @@ def main(argv=None):
             tqdm.write(json.dumps(row))
         return row
 
-    # 2. train
+    # train: one PPO step per iteration, numbered as in the module docstring
     last_validation = validation() if step == 0 else (validated[-1] if validated else None)
     progress = tqdm(total=args.steps, initial=step, desc="ppo", disable=None if is_main else True)
     while step < args.steps:
@@ -812,23 +824,30 @@ def main(argv=None):
         if args.offload_optimizer:
             move_optimizer_state(actor_opt, "cpu")
             move_optimizer_state(critic_opt, "cpu")
-        # step 1. rollout: this rank's share of the step's puzzles
+        # 1. rollout: this rank's share of the step's puzzles
         seeds = step_puzzle_seeds(args, step)[rank::world]
         generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "rollout", step, rank))
         policy = agent.model_policy(sampler.eval(), tokenizer, temperature=args.temperature, generator=generator)
         episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.group_size, **rollout_kwargs(args))
         rollout_s = time.perf_counter() - start
-        # step 2. filter groups; the kept episodes as (N, T) tensors with the rewards on their tokens
+        # 2. filter groups, and (ahead of 3) 4. rewards on tokens: build_batch lays the kept episodes out
+        # as (N, T) tensors, each reward on its token
         kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward)
         batch, kept = build_batch(kept, tokenizer, args)
         if all_sum([0.0 if kept else 1.0], device)[0]:  # every rank stops together, none waits on another
             raise SystemExit("error: a rank kept no episode with an assistant token (does the first prompt plus "
                              "--max-response-tokens exceed --max-context-tokens?)")
-        # steps 3-4. score: old log-probs, values, reference log-probs; GAE advantages and returns
+        # 3. old log-probs (the training forward pass, not the sampler's), values, reference log-probs
         mark = time.perf_counter()
-        score_batch(actor, critic, reference, batch, args, device, autocast)
-        logprob_s = time.perf_counter() - mark
-        # step 5. update: PPO epochs over mini-batches
+        old_policy_forward(actor, critic, reference, batch, args, device, autocast)
+        # 5. GAE over the assistant tokens only; the advantages whitened over the tokens of the policy
+        # loss (without the states under --no-state-loss) of every rank
+        batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["assistant"],
+                                                    args.gamma, args.lam)
+        if not args.no_whiten:
+            batch["advantages"] = whiten(batch["advantages"], batch["policy"], device)
+        logprob_s = time.perf_counter() - mark  # steps 3 and 5
+        # 6. PPO epochs x mini-batches
         mark = time.perf_counter()
         if args.offload_optimizer:
             move_optimizer_state(actor_opt, device)
@@ -838,7 +857,7 @@ def main(argv=None):
             sampler.load_state_dict(actor.state_dict())
         update_s = time.perf_counter() - mark
         step += 1
-        # then: the step's metrics, validation every --val-every steps, a resumable save
+        # 7. log: the step's metrics, and validation every --val-every steps
         row = step_metrics(step, episodes, batch, stats, args, device, world,
                            dict(rollout_s=rollout_s, logprob_s=logprob_s, update_s=update_s,
                                 step_s=time.perf_counter() - start))
@@ -847,14 +866,15 @@ def main(argv=None):
         progress.set_postfix(reward=row["train/reward"], success=row["train/success"], entropy=row["actor/entropy"])
         if (args.val_every and step % args.val_every == 0) or step == args.steps:
             last_validation = validation()
-        if step % args.save_every == 0 or step == args.steps:  # after the step's metrics are all written
+        # 8. checkpoint: a resumable save, after the step's metrics are all written
+        if step % args.save_every == 0 or step == args.steps:
             if is_main:
                 save_train_state(state_path, actor, critic, actor_opt, critic_opt, step)
             if dist.is_initialized():
                 dist.barrier()
     progress.close()
 
-    # 3. the final actor as a Hugging Face checkpoint, with the last validation
+    # the final actor as a Hugging Face checkpoint, with the last validation
     summary = dict(last_validation) if last_validation and last_validation["step"] == step else validation()
     summary["ranks_in_sync"] = ranks_in_sync(actor, critic, world, device)
     if is_main:
@@ -868,4 +888,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    agent.run_script(main, "Run the same command to continue from the last save (every --save-every steps).")

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import torch
@@ -782,4 +781,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    agent.run_script(main, "Run the same command to continue: training from its last save (every --save-every "
+                           "steps and at each epoch's end), self-play from the batch it was playing.")

@@ -260,3 +260,12 @@ def test_resume_train_state_refuses_bad_states_and_keeps_code_bugs_visible(tmp_p
     agent.save_train_state(path, {"model": layer.state_dict()})
     with pytest.raises(NameError):  # a traceback, not "delete it to start over"
         agent.resume_train_state(path, ("model",), buggy_restore, "x")
+
+
+def test_a_script_interrupted_says_how_to_continue(capsys):
+    def interrupted_main(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_info:
+        agent.run_script(interrupted_main, "Run the same command to continue.")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted. Run the same command to continue."

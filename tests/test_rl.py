@@ -149,6 +149,15 @@ def small_args(**overrides):
     return args
 
 
+def forward_and_advantages(model, critic, batch, args, device=torch.device("cpu")):
+    """main's steps 3 and 5 on a batch: old log-probs and values, then GAE and whitened advantages."""
+    rl.old_policy_forward(model, critic, None, batch, args, device, rl.nullcontext())
+    batch["advantages"], batch["returns"] = rl.gae(batch["rewards"], batch["values"], batch["assistant"], args.gamma,
+                                                   args.lam)
+    if not args.no_whiten:
+        batch["advantages"] = rl.whiten(batch["advantages"], batch["policy"], device)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_recomputed_logprobs_equal_the_samplers(tiny, tiny_dir, temperature):
     model, tokenizer = tiny
@@ -158,11 +167,11 @@ def test_recomputed_logprobs_equal_the_samplers(tiny, tiny_dir, temperature):
     episodes = agent.rollout(policy, tokenizer, "frozenlake", [10, 11], 3, **rl.rollout_kwargs(args))
     batch, kept = rl.build_batch(episodes, tokenizer, args)
     critic = rl.build_critic(tiny_dir, "cpu")
-    rl.score_batch(model, critic, None, batch, args, torch.device("cpu"), rl.nullcontext())
-    action = batch["action"].bool()
-    assert action.sum() > 100
-    assert torch.allclose(batch["old_logprobs"][action], batch["sampler_logprobs"][action], atol=1e-4)
-    assert (batch["old_logprobs"][~action] == 0).all()
+    rl.old_policy_forward(model, critic, None, batch, args, torch.device("cpu"), rl.nullcontext())
+    assistant = batch["assistant"].bool()
+    assert assistant.sum() > 100
+    assert torch.allclose(batch["old_logprobs"][assistant], batch["sampler_logprobs"][assistant], atol=1e-4)
+    assert (batch["old_logprobs"][~assistant] == 0).all()
 
 
 def test_rewards_sit_on_the_last_token_or_on_each_turns_last_token(tiny):
@@ -183,9 +192,9 @@ def test_rewards_sit_on_the_last_token_or_on_each_turns_last_token(tiny):
     for end, reward in zip(ep.turn_ends, ep.turn_rewards):
         assert math.isclose(batch["rewards"][0, end].item(), reward, abs_tol=1e-6)
     assert math.isclose(batch["rewards"].sum().item(), ep.score, abs_tol=1e-6)
-    # every reward position is an assistant token; the action mask is exactly the assistant tokens
-    assert batch["action"][0, :len(ep.tokens)].tolist() == ep.assistant_mask
-    assert (batch["action"][0][batch["rewards"][0] != 0] == 1).all()
+    # every reward position is an assistant token; the assistant mask is exactly the assistant tokens
+    assert batch["assistant"][0, :len(ep.tokens)].tolist() == ep.assistant_mask
+    assert (batch["assistant"][0][batch["rewards"][0] != 0] == 1).all()
 
 
 def test_worldmodel_reward_pays_exact_states_only(tiny):
@@ -271,8 +280,8 @@ def test_advantages_are_whitened_over_the_tokens_of_the_policy_loss(tiny, tiny_d
     batch, _ = rl.build_batch(episodes, tokenizer, args)
     for i in range(len(batch["lengths"])):  # varied rewards, so the advantages vary
         batch["rewards"][i, batch["lengths"][i] - 1] += i
-    rl.score_batch(model, rl.build_critic(tiny_dir, "cpu"), None, batch, args, torch.device("cpu"), rl.nullcontext())
-    policy_mask, outside = batch["policy"].bool(), (batch["action"] - batch["policy"]).bool()
+    forward_and_advantages(model, rl.build_critic(tiny_dir, "cpu"), batch, args)
+    policy_mask, outside = batch["policy"].bool(), (batch["assistant"] - batch["policy"]).bool()
     assert outside.any()  # the states: response tokens outside the policy loss
     used = batch["advantages"][policy_mask]
     assert abs(used.mean().item()) < 1e-5 and abs(used.pow(2).mean().item() - 1) < 1e-4
@@ -285,8 +294,8 @@ def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
     episodes = agent.rollout(policy, tokenizer, "sokoban", [10, 11], 2, mode="worldmodel", instruction="short")
     with_states, _ = rl.build_batch(episodes, tokenizer, small_args(state_loss=True))
     without, _ = rl.build_batch(episodes, tokenizer, small_args(state_loss=False))
-    assert torch.equal(with_states["policy"], with_states["action"])
-    assert torch.equal(without["action"], with_states["action"])
+    assert torch.equal(with_states["policy"], with_states["assistant"])
+    assert torch.equal(without["assistant"], with_states["assistant"])
     dropped = (with_states["policy"] - without["policy"]).bool()
     text = tokenizer.decode(with_states["ids"][0][dropped[0]])
     grid = episodes[0].turns[0]["state_before"].replace("\n", "")
@@ -340,17 +349,18 @@ def test_one_update_raises_the_probability_of_the_higher_advantage_response(tiny
         mask = [0] * len(prompt) + [1] * (len(seq) - len(prompt))
         episodes.append(types.SimpleNamespace(tokens=seq, assistant_mask=mask, logprobs=[0.0] * len(seq),
                                               turn_ends=[len(seq) - 1], turn_rewards=[1.0 if i % 2 == 0 else 0.0],
-                                              turns=[{"observation": None, "prediction": None}]))
+                                              turns=[{"observation": None, "prediction": None,
+                                                      "format_valid": True}]))
     args = small_args(actor_lr=1e-3, critic_lr=1e-3, mini_batch=8, entropy_coef=0.0)
     batch, _ = rl.build_batch(episodes, tokenizer, args)
     device = torch.device("cpu")
 
     def response_logprob():
         with torch.no_grad():
-            logp, _ = rl.token_logprobs(model, batch["ids"], batch["attention"], batch["action"])
+            logp, _ = rl.token_logprobs(model, batch["ids"], batch["attention"], batch["assistant"])
         return logp.sum(-1)
     before = response_logprob()
-    rl.score_batch(model, critic, None, batch, args, device, rl.nullcontext())
+    forward_and_advantages(model, critic, batch, args, device)
     assert (batch["advantages"][0::2].sum(-1) > 0).all() and (batch["advantages"][1::2].sum(-1) < 0).all()
     actor_opt = torch.optim.AdamW(model.parameters(), lr=args.actor_lr)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
@@ -358,13 +368,13 @@ def test_one_update_raises_the_probability_of_the_higher_advantage_response(tiny
     after = response_logprob()
     assert (after[0::2] > before[0::2]).all()  # the rewarded answer became more likely
     assert (after[1::2] < before[1::2]).all()  # the other less
-    assert stats["optimizer_steps"] == 1 and stats["policy_tokens"] == batch["action"].sum()
+    assert stats["optimizer_steps"] == 1 and stats["policy_tokens"] == batch["assistant"].sum()
     # and the critic moved its values toward the returns
     with torch.no_grad():
-        values = rl.token_values(critic, batch["ids"], batch["attention"], batch["action"])
-    action = batch["action"].bool()
-    assert ((values[action] - batch["returns"][action]) ** 2).mean() < \
-           ((batch["values"][action] - batch["returns"][action]) ** 2).mean()
+        values = rl.token_values(critic, batch["ids"], batch["attention"], batch["assistant"])
+    assistant = batch["assistant"].bool()
+    assert ((values[assistant] - batch["returns"][assistant]) ** 2).mean() < \
+           ((batch["values"][assistant] - batch["returns"][assistant]) ** 2).mean()
 
 
 def scored_random_batch(model, tokenizer, tiny_dir, args):
@@ -374,7 +384,7 @@ def scored_random_batch(model, tokenizer, tiny_dir, args):
     batch, _ = rl.build_batch(episodes, tokenizer, args)
     for i in range(len(batch["lengths"])):
         batch["rewards"][i, batch["lengths"][i] - 1] += (-1) ** i * (1 + i / 3)
-    rl.score_batch(model, rl.build_critic(tiny_dir, "cpu"), None, batch, args, torch.device("cpu"), rl.nullcontext())
+    forward_and_advantages(model, rl.build_critic(tiny_dir, "cpu"), batch, args)
     return batch
 
 
@@ -406,7 +416,7 @@ def test_the_update_is_the_same_in_any_micro_batches_and_the_entropy_bonus_raise
 
     def entropy(m):
         with torch.no_grad():
-            _, h = rl.token_logprobs(m, batch["ids"], batch["attention"], batch["action"], with_entropy=True)
+            _, h = rl.token_logprobs(m, batch["ids"], batch["attention"], batch["assistant"], with_entropy=True)
         return h[batch["policy"].bool()].mean().item()
     bonus = one_update(tiny_dir, batch, small_args(**{**vars(args), "entropy_coef": 1.0}), lr=0.05)[0]
     assert entropy(bonus) > entropy(start) + 1e-4
@@ -435,8 +445,8 @@ def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir)
     args = small_args(state_loss=False, kl_coef=0.5, entropy_coef=0.0, weight_decay=0.0, mini_batch=64)
     batch, _ = rl.build_batch(episodes, tokenizer, args)
     device = torch.device("cpu")
-    rl.score_batch(model, critic, None, batch, args, device, rl.nullcontext())
-    states = (batch["action"] - batch["policy"]).bool()
+    forward_and_advantages(model, critic, batch, args, device)
+    states = (batch["assistant"] - batch["policy"]).bool()
     assert states.any()
     # no policy gradient at all; a reference that finds the state tokens less likely than the actor does
     batch["advantages"].zero_()
@@ -444,7 +454,7 @@ def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir)
 
     def state_logprob():
         with torch.no_grad():
-            logp, _ = rl.token_logprobs(model, batch["ids"], batch["attention"], batch["action"])
+            logp, _ = rl.token_logprobs(model, batch["ids"], batch["attention"], batch["assistant"])
         return logp[states].sum()
     before = state_logprob()
     actor_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -575,11 +585,14 @@ for i, answer in enumerate(answers):
     mask = [0] * len(prompt) + [1] * len(response)
     episodes.append(types.SimpleNamespace(tokens=prompt + response, assistant_mask=mask, logprobs=[0.0] * n,
                                           turn_ends=[n - 1], turn_rewards=[(i % 3) - 0.7 * i],
-                                          turns=[{"observation": None, "prediction": None}]))
+                                          turns=[{"observation": None, "prediction": None, "format_valid": True}]))
 args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--mini-batch", "8", "--ppo-epochs",
                       "1", "--grad-clip", "1e9", "--entropy-coef", "0.01", "--micro-batch-tokens", "60"])
 batch, _ = rl.build_batch(episodes[rank::world], tokenizer, args)
-rl.score_batch(model, critic, None, batch, args, device, rl.nullcontext())
+rl.old_policy_forward(model, critic, None, batch, args, device, rl.nullcontext())
+batch["advantages"], batch["returns"] = rl.gae(batch["rewards"], batch["values"], batch["assistant"], args.gamma,
+                                               args.lam)
+batch["advantages"] = rl.whiten(batch["advantages"], batch["policy"], device)  # over the tokens of every rank
 opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, critic)]
 rl.update(model, critic, *opts, batch, args, world, device, rl.nullcontext(), 0)
 if rank == 0:
