@@ -1098,6 +1098,15 @@ def text_policy(tokenizer, respond):
 # -----------------------------------------------------------------------------
 # 7. Small pieces every training stage uses
 
+def scored_logits(model, ids, attention, scored):
+    """The training forward pass, with next-token logits only where a stage needs them: (n, V) fp32
+    for the positions t where scored[:, t] ((b, T-1), bool), each predicting token t+1. The prompt's
+    logits are never computed -- with a 152k-token vocabulary they would be most of the memory and
+    time of a step -- and no KV cache is built."""
+    hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state  # (b, T, H)
+    return model.get_output_embeddings()(hidden[:, :-1][scored]).float()  # (n, V)
+
+
 def clip_gradients(model, max_norm):
     """Clip the gradients' total norm to max_norm; returns the norm before clipping. A NaN or
     infinite norm stops the run before the optimiser step would write it into the weights (the

@@ -61,8 +61,9 @@ PRESETS = {
     # the preset stops at 200 to fit a one-GPU budget (--steps 1000 runs the whole schedule)
     "paper": dict(model=agent.DEFAULT_MODEL, mode="base", state_loss=True, instruction="full", env_groups=32,
                   group_size=8, steps=200,
-                  actor_lr=1e-6, critic_lr=1e-5, mini_batch=64, micro_batch_tokens=8192, max_response_tokens=400,
-                  max_context_tokens=3600, val_puzzles=64, val_samples=8),
+                  actor_lr=1e-6, critic_lr=1e-5, mini_batch=64, micro_batch_tokens=8192,
+                  max_response_tokens=agent.MAX_RESPONSE_TOKENS, max_context_tokens=agent.MAX_CONTEXT_TOKENS,
+                  val_puzzles=64, val_samples=8),
     # a laptop CPU: the tiny model, the world-model prompt its SFT was trained on, its short
     # instruction, small batches, larger learning rates (2e-4 learnt a one-move bandit in 20 steps;
     # 5e-4 and above broke the format within 10), and the states out of the policy loss (with them
@@ -382,9 +383,8 @@ def rows_of(batch, rows, device):
 def token_logprobs(model, ids, attention, where, temperature=1.0, with_entropy=False):
     """(log-prob of each token where `where`, and its distribution's entropy or None), (b, T), 0
     elsewhere; under softmax(logits / temperature), the distribution the sampler drew from."""
-    hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     scored = where[:, 1:].bool()  # (b, T-1): token t+1 is scored from position t
-    logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float() / temperature  # (n, V)
+    logits = agent.scored_logits(model, ids, attention, scored) / temperature  # (n, V)
     logp_all = torch.log_softmax(logits, -1)
     logp = torch.zeros(ids.shape, device=ids.device)
     logp[:, 1:][scored] = logp_all.gather(-1, ids[:, 1:][scored][:, None]).squeeze(-1)

@@ -445,12 +445,9 @@ def collate(encoded, indices, pad_id, device):
 
 def response_logits(model, ids, mask, kinds):
     """Logits for the response tokens only, (n, V), with where they are: a (b, T-1) mask over the
-    next-token targets ids[:, 1:]. The prompt's logits are never computed -- with a 152k-token
-    vocabulary they would be most of the memory and time of a step."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+    next-token targets ids[:, 1:] (agent.scored_logits: the prompt's logits are never computed)."""
     where = kinds[:, 1:] != PROMPT  # (b, T-1): position t predicts token t+1
-    logits = model.get_output_embeddings()(hidden[:, :-1][where]).float()  # (n, V)
-    return logits, where
+    return agent.scored_logits(model, ids, mask, where), where
 
 
 def token_losses(model, ids, mask, labels, kinds):
