@@ -15,11 +15,12 @@ Both are played through the same rollout, prompts and parser as a model.
     python evaluate.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --mode base --render grid
     python evaluate.py --env frozenlake --model runs/a/model --model runs/b/model --diff runs/a/model runs/b/model
 
-Outputs in --out: report.md (one table per env), report.json (every number and the resolved
-config), episodes.jsonl (every episode: messages, per-turn states, actions, rewards) and
-played.jsonl (each finished row with what it depends on: run again into the same --out, after a
-crash or with more models, only the rows not found there are played). The last line printed is
-{"rows": [...]} with one row per policy and env (and "differences": [...] with --diff).
+Outputs in --out: report.md (one table per env) and report.json (every number and the resolved
+config), both of this command's rows only; played.jsonl (each finished row with what it depends
+on, one per policy and env: run again into the same --out, after a crash or with more models, only
+the rows not found there are played, and rows of other commands into it stay) and episodes.jsonl
+(every episode of those rows: messages, per-turn states, actions, rewards). The last line printed
+is {"rows": [...]} with one row per policy and env (and "differences": [...] with --diff).
 
 Definitions:
 - pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) on each puzzle's n samples with c
@@ -385,6 +386,16 @@ def checkpoint_settings(path, args):
     return tokenizer, settings
 
 
+def first_prompt_tokens(tokenizer, settings, env_name, seeds, env_overrides):
+    """Tokens in the longest first prompt over the puzzles, as agent.rollout builds it."""
+    # with no room for a response, rollout builds every first prompt and ends each episode there,
+    # before it asks the policy for anything (hence no policy)
+    episodes = agent.rollout(None, tokenizer, env_name, seeds, 1, mode=settings["mode"], render=settings["render"],
+                             instruction=settings["instruction"], max_response_tokens=settings["max_response_tokens"],
+                             max_context_tokens=0, env_overrides=env_overrides)
+    return max(len(ep.tokens) for ep in episodes)
+
+
 def checkpoint_fingerprint(path):
     """What stands for a checkpoint's contents when a finished row is reused: its folder's files
     with their sizes and modification times (retrained in place, it is played again); a Hub id or
@@ -426,25 +437,33 @@ def row_key(args, device, name, env_name, settings, checkpoint):
 
 
 def earlier_rows(out, keys):
-    """The rows an earlier run in `out` finished with the same keys and all their episodes,
-    {(name, env): (row, successes)}. played.jsonl and episodes.jsonl are rewritten to hold just
-    those: a row cut off mid-way, played with other settings or missing episodes is played again
-    (so an evaluation into an --out replaces the different one that was there)."""
+    """The rows this run can take from earlier runs in `out`, {(name, env): (row, successes)}: the
+    pairs in `keys` that an earlier run finished with the same key and all their episodes.
+
+    played.jsonl holds at most one row per (name, env), and episodes.jsonl the episodes of those
+    rows (a row's episodes are the ones with its name and env). Both files are rewritten here to
+    keep every complete row of the pairs this run does not play (another command's models or envs
+    into the same --out) and the reused ones; dropped, with their episodes, are the rows of pairs
+    this run plays whose key differs (a checkpoint retrained in place, other settings), rows
+    missing episodes, and episodes left without a row by a crash. The run then appends a row only
+    for a pair that has none left, so there is still at most one per (name, env)."""
     played_path, episodes_path = os.path.join(out, "played.jsonl"), os.path.join(out, "episodes.jsonl")
-    wanted = {json.dumps(key, sort_keys=True) for key in keys.values()}
+    wanted = {name_env: json.dumps(key, sort_keys=True) for name_env, key in keys.items()}
     played, episodes = agent.read_jsonl(played_path), agent.read_jsonl(episodes_path)
     count = collections.Counter((episode.get("name"), episode.get("env")) for episode in episodes)
-    reused = {}
+    kept = {}  # (name, env) -> its line in played.jsonl
     for line in played:
         key = line.get("key", {})
-        complete = count[key.get("name"), key.get("env")] == key.get("puzzles", 0) * key.get("samples", 0)
-        if json.dumps(key, sort_keys=True) in wanted and complete:
-            successes = {int(seed): samples for seed, samples in line["successes"].items()}
-            reused[key["name"], key["env"]] = (line, line["row"], successes)
-    agent.write_jsonl(played_path, [line for line, _, _ in reused.values()])
+        name_env = key.get("name"), key.get("env")
+        complete = count[name_env] == key.get("puzzles", 0) * key.get("samples", 0)
+        # a pair this run does not play keeps its row; a pair it plays, only under the same key
+        if complete and (name_env not in wanted or wanted[name_env] == json.dumps(key, sort_keys=True)):
+            kept[name_env] = line
+    agent.write_jsonl(played_path, list(kept.values()))
     agent.write_jsonl(episodes_path, [episode for episode in episodes if (episode.get("name"), episode.get("env"))
-                                      in reused])
-    return {name_env: (row, successes) for name_env, (_, row, successes) in reused.items()}
+                                      in kept])
+    return {name_env: (line["row"], {int(seed): samples for seed, samples in line["successes"].items()})
+            for name_env, line in kept.items() if name_env in keys}
 
 
 LEGEND = ("pass@k: unbiased estimator over each puzzle's samples, averaged over puzzles; CI: 95% bootstrap over "
@@ -549,10 +568,24 @@ def main(argv=None):
                                                                PAPER_SETTINGS["max_response_tokens"])}
     config = {**vars(args), "envs": env_names, "ks": ks, "device": str(device), "reference_settings": ref_settings,
               "model_settings": {path: settings for path, (_, settings) in checkpoints.items()}}
-    for name, settings in {"the reference rows": ref_settings, **config["model_settings"]}.items():
-        if settings["max_response_tokens"] >= args.max_context_tokens:
-            raise SystemExit(f"error: {name}: a {settings['max_response_tokens']}-token response leaves no room for "
-                             f"its prompt in --max-context-tokens {args.max_context_tokens}")
+    # every row's first turn (its prompt and a full response) must fit in --max-context-tokens, or its
+    # episodes end before they start: on failure, name the smallest value that fits every row
+    groups = {**checkpoints, **({None: (ref_tokenizer, ref_settings)} if references else {})}  # None: references
+    first_turns = []  # (tokens, prompt tokens, response tokens, env, checkpoint path or "" for the references)
+    for path, (tokenizer, settings) in groups.items():
+        for env_name in env_names:
+            prompt = first_prompt_tokens(tokenizer, settings, env_name, seeds, args.env_overrides)
+            budget = settings["max_response_tokens"]
+            first_turns.append((prompt + budget, prompt, budget, env_name, path or ""))
+    need, prompt, budget, env_name, path = max(first_turns)
+    if need > args.max_context_tokens:
+        who = (f"{path} needs" if path else f"the {' and '.join(references)} rows" +
+               (", added whenever a model is evaluated," if args.model else "") + " need")
+        raise SystemExit(f"error: --max-context-tokens {args.max_context_tokens} is too small: {who} {need} tokens "
+                         f"for a first turn on {env_name} (a {prompt}-token prompt and a {budget}-token response); "
+                         f"give --max-context-tokens {need} or more" +
+                         (", or a smaller --max-response-tokens" if path else
+                          f" ({budget} tokens per turn is the least a reference row gets)"))
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     agent.make_run_dir(args.out)
     for name in ("report.md", "report.json"):  # never an older run's report beside this run's episodes
@@ -561,7 +594,8 @@ def main(argv=None):
 
     # 2. play: random first, then the models, the oracle last (one model in memory at a time). Each
     # finished row is kept in played.jsonl with its episodes in episodes.jsonl: a run started again
-    # (after a crash, or with more models) plays only the rows it does not find there
+    # (after a crash, or with more models) plays only the rows it does not find there, and another
+    # command into the same --out keeps the rows it does not play (earlier_rows)
     policies = [(p, p) for p in checkpoints]  # (name, checkpoint path; None for a reference row)
     if "random" in references:
         policies.insert(0, ("random", None))
@@ -607,9 +641,11 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     progress.close()
-    play_order = {key: i for i, key in enumerate(keys)}  # episodes.jsonl in play order, whichever run played them
+    # episodes.jsonl: this run's rows in play order, whichever run played them, then the other rows kept
+    # there as they were (sorted is stable)
+    play_order = {key: i for i, key in enumerate(keys)}
     agent.write_jsonl(episodes_path, sorted(agent.read_jsonl(episodes_path),
-                                            key=lambda r: play_order[r["name"], r["env"]]))
+                                            key=lambda r: play_order.get((r["name"], r["env"]), len(play_order))))
 
     # 3. report: rows grouped by env, in policy order
     rows.sort(key=lambda r: env_names.index(r["env"]))
@@ -626,4 +662,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    agent.run_script(main, "Run the same command to continue: the rows finished are kept in --out's played.jsonl.")

@@ -1,5 +1,6 @@
 """Evaluation: the Pass@k estimator, the reference rows against exact values, world-model
 accuracy, determinism, outputs and bad input."""
+import collections
 import itertools
 import json
 import math
@@ -295,9 +296,14 @@ def test_a_run_started_again_plays_only_the_rows_it_lacks(tmp_path, capsys, tiny
     argv = ["--env", "sokoban", "--model", str(model), "--puzzles", "2", "--samples", "2", "--k", "2",
             "--max-response-tokens", "8"]
     rows, out = run(tmp_path / "a", capsys, *argv)
-    played = []  # rollout calls: one per row here (2 puzzles < --batch-puzzles)
+    played = []  # rollout calls that play: one per row here (2 puzzles < --batch-puzzles)
     rollout = agent.rollout
-    monkeypatch.setattr(agent, "rollout", lambda *a, **k: played.append(a[2]) or rollout(*a, **k))
+
+    def counting_rollout(policy, *args, **kwargs):
+        if policy is not None:  # without one it only measures the first prompts (ev.first_prompt_tokens)
+            played.append(args[1])
+        return rollout(policy, *args, **kwargs)
+    monkeypatch.setattr(agent, "rollout", counting_rollout)
     append = agent.append_jsonl
 
     def crash_after_two_rows(path, *rows):  # random and the model done; the oracle's row not yet
@@ -330,6 +336,60 @@ def test_a_run_started_again_plays_only_the_rows_it_lacks(tmp_path, capsys, tiny
     assert run(tmp_path / "b", capsys, *argv[:-1], "12")[0] == other and len(played) == 8
 
 
+def test_another_command_into_the_same_out_keeps_the_rows_it_does_not_play(tmp_path, capsys, tiny_dir):
+    """The README's commands into one --out: a model, then a reference row alone, then the model again.
+    The middle command keeps the model's row, so the third plays it no more; each report has its own rows."""
+    out = tmp_path / "out"
+    flags = ["--env", "sokoban", "--puzzles", "2", "--samples", "2", "--k", "2", "--out", str(out)]
+    model = ["--model", tiny_dir, "--max-response-tokens", "8"]
+
+    def evaluate(*argv):  # (rows, {name: reused from played.jsonl?}, report.md)
+        rows = ev.main([*argv, *flags])
+        err = capsys.readouterr().err
+        reused = {r["name"]: f"{r['name']} on sokoban: pass@1 {r['pass@1']:.3f} (played before" in err for r in rows}
+        return rows, reused, (out / "report.md").read_text()
+
+    def lines(name):
+        return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+    first, reused, report = evaluate(*model)
+    assert reused == {"random": False, tiny_dir: False, "oracle": False}
+    episodes = (out / "episodes.jsonl").read_text()
+    # the reference row alone: its report holds just that row; the files keep the model's and the oracle's
+    rows, _, middle = evaluate("--policy", "random")
+    assert [r["name"] for r in rows] == ["random"]
+    assert json.loads((out / "report.json").read_text())["rows"] == rows
+    assert "| random |" in middle and f"| {tiny_dir} |" not in middle and "| oracle |" not in middle
+    # one row per (name, env) in played.jsonl, and its episodes in episodes.jsonl
+    assert sorted(line["key"]["name"] for line in lines("played.jsonl")) == sorted(["random", tiny_dir, "oracle"])
+    assert collections.Counter(e["name"] for e in lines("episodes.jsonl")) == {"random": 4, tiny_dir: 4, "oracle": 4}
+    # the model again: its row is reused, and the whole run is the first one
+    again, reused, report_again = evaluate(*model)
+    assert reused[tiny_dir] and again == first and report_again == report
+    assert (out / "episodes.jsonl").read_text() == episodes
+    assert len(lines("played.jsonl")) == 3
+
+
+def test_too_small_a_context_names_the_smallest_that_fits(tmp_path, capsys, tiny_dir):
+    # the model's own turns are small; the reference rows that come with it get 400-token responses
+    argv = ["--env", "frozenlake", "--model", tiny_dir, "--max-response-tokens", "8", "--puzzles", "2",
+            "--samples", "1", "--k", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([*argv, "--max-context-tokens", "200"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: --max-context-tokens 200 is too small: the random and oracle rows, added "
+                              "whenever a model is evaluated, need ") and len(message.splitlines()) == 1
+    smallest = int(message.split("give --max-context-tokens ")[1].split()[0])
+    assert f"need {smallest} tokens for a first turn on frozenlake" in message and smallest > 400
+    with pytest.raises(SystemExit, match=f"give --max-context-tokens {smallest} or more"):
+        ev.main([*argv, "--max-context-tokens", str(smallest - 1)])
+    assert not (tmp_path / "out").exists()
+    # the value it names: every row plays its first turn on every puzzle
+    ev.main([*argv, "--max-context-tokens", str(smallest)])
+    episodes = [json.loads(line) for line in (tmp_path / "out" / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 3 * 2 and all(e["turns"] for e in episodes)
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one line, before any work
 
@@ -350,7 +410,10 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
     cases = {
         "invalid choice: 'chess'": ["--env", "chess", "--policy", "random"],
         "truncated or corrupt": ["--env", "sokoban", "--model", tiny_dir, "--model", str(truncated)],
-        "leaves no room for its prompt": ["--env", "sokoban", "--model", tiny_dir, "--max-response-tokens", "5000"],
+        "or more, or a smaller --max-response-tokens": ["--env", "sokoban", "--model", tiny_dir,
+                                                        "--max-response-tokens", "5000"],
+        "rows, added whenever a model is evaluated, need": ["--env", "frozenlake", "--model", tiny_dir,
+                                                            "--max-context-tokens", "200"],
         "not a torch device": ["--env", "sokoban", "--policy", "random", "--device", "gpu"],
         "--val-seed-start must be >= 0": ["--env", "sokoban", "--policy", "random", "--val-seed-start", "-1"],
         "not valid JSON": ["--env", "frozenlake", "--policy", "random", "--env-overrides", "{bad"],
