@@ -706,7 +706,9 @@ def main(argv=None):
     if os.path.isfile(state_path):
         state = resume(state_path, model, optimizer)
         step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
-        print(f"resuming at step {step} (epoch {first_epoch}, batch {skip_batches})", flush=True)
+        finished = first_epoch == args.epochs or (step >= total_steps and not skip_batches)  # nothing left to train
+        print(f"trained to step {step} before" if finished else
+              f"resuming at step {step} (epoch {first_epoch}, batch {skip_batches})", flush=True)
     # a fresh start forgets an earlier partial run; a resume, what was logged after the saved state
     agent.drop_metrics_after(metrics_path, step if step else -1, first_epoch)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
