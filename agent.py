@@ -9,8 +9,9 @@ Read top to bottom:
   5. sampler       -- batched generation with a KV cache, written by hand
   6. rollout       -- env_groups x group_size multi-turn episodes, every live episode's next
                       turn generated in one batch; the policies that play them
-  7. small pieces  -- what both training stages need around the method: gradient clipping, JSON-lines
-                      and atomic writes, train-state save/resume, run-folder settings checks, flag types
+  7. small pieces  -- what the stage scripts share around the method: the training forward, gradient
+                      clipping, JSON-lines and atomic writes, train-state save/resume, run-folder
+                      settings checks, flag types, the scripts' entry point
 
 The stages import what they need from here (and the rules from envs.py); what only one stage
 needs stays in that stage's script.
@@ -1096,7 +1097,7 @@ def text_policy(tokenizer, respond):
 
 
 # -----------------------------------------------------------------------------
-# 7. Small pieces every training stage uses
+# 7. Small pieces the stage scripts share around the method
 
 def scored_logits(model, ids, attention, scored):
     """The training forward pass, with next-token logits only where a stage needs them: (n, V) fp32
@@ -1203,8 +1204,9 @@ def resume_train_state(path, keys, restore, writer):
     """Load the state that save_train_state wrote at path, check it holds `keys`, and hand it to
     restore(state), which puts it into the models and optimisers. Anything wrong -- a truncated or
     foreign file, weights of another shape -- is one clear error, never a traceback or a run that
-    trains on from half a state. writer names the script, for the message. A bug in restore itself
-    (a NameError, say) stays a traceback: it is no reason to delete a good state."""
+    trains on from half a state. writer names the script, for the message. What a bad state cannot
+    raise -- a NameError or AttributeError from a bug in restore -- stays a traceback: it is no reason
+    to delete a good state."""
     def refuse(e):
         message = " ".join(str(e).split())  # load_state_dict's lists of mismatched shapes, on one line
         return SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {message[:300]}); "

@@ -273,7 +273,7 @@ def exact_success(env_name, policy, seeds, env_overrides=None):
 # -----------------------------------------------------------------------------
 # One row: per-puzzle successes -> pass@k; per-turn records -> format and world-model accuracy
 
-def world_model_scores(ep, mode):
+def episode_world_model_scores(ep, mode):
     """(observation_exact, prediction_exact, prediction_bayes) per scored turn of an episode:
     every turn in world-model mode, the turns with both state spans in base mode. The env is
     replayed from its seed to each turn's start (same seed and actions give the same slips)."""
@@ -314,7 +314,7 @@ def summarize(episodes, ks, mode, seed):
                score=mean([ep.score for ep in episodes]),
                truncated=mean([not t["stopped"] for t in turns]),
                response_tokens=mean([sum(ep.assistant_mask) / max(1, len(ep.turns)) for ep in episodes]))
-    wm = [s for ep in episodes for s in world_model_scores(ep, mode)]
+    wm = [s for ep in episodes for s in episode_world_model_scores(ep, mode)]
     row.update(observation_exact=mean([s[0] for s in wm]), prediction_exact=mean([s[1] for s in wm]),
                prediction_bayes=mean([s[2] for s in wm]), wm_turns=len(wm))
     return row
@@ -354,7 +354,7 @@ def checkpoint_settings(path, args):
                                     (parent and os.path.isdir(parent))):
         # not a Hub id ("org/name"): say so now rather than after the Hub's network retries
         raise SystemExit(f"error: no checkpoint folder {path!r}")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):  # a run folder: its model/
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):  # a run folder: "did you mean"
         raise SystemExit("error: " + agent.load_failure(path, "checkpoint", "not a Hugging Face checkpoint folder "
                                                                           "(no config.json)"))
     if os.path.isdir(path):  # a truncated weights file fails now, not when its turn comes
@@ -570,7 +570,7 @@ def main(argv=None):
               "model_settings": {path: settings for path, (_, settings) in checkpoints.items()}}
     # every row's first turn (its prompt and a full response) must fit in --max-context-tokens, or its
     # episodes end before they start: on failure, name the smallest value that fits every row
-    groups = {**checkpoints, **({None: (ref_tokenizer, ref_settings)} if references else {})}  # None: references
+    groups = {**checkpoints, None: (ref_tokenizer, ref_settings)}  # None: the reference rows (always some)
     first_turns = []  # (tokens, prompt tokens, response tokens, env, checkpoint path or "" for the references)
     for path, (tokenizer, settings) in groups.items():
         for env_name in env_names:
@@ -579,13 +579,14 @@ def main(argv=None):
             first_turns.append((prompt + budget, prompt, budget, env_name, path or ""))
     need, prompt, budget, env_name, path = max(first_turns)
     if need > args.max_context_tokens:
+        floor = not path and budget == PAPER_SETTINGS["max_response_tokens"]  # a reference row's least
         who = (f"{path} needs" if path else f"the {' and '.join(references)} rows" +
                (", added whenever a model is evaluated," if args.model else "") + " need")
         raise SystemExit(f"error: --max-context-tokens {args.max_context_tokens} is too small: {who} {need} tokens "
                          f"for a first turn on {env_name} (a {prompt}-token prompt and a {budget}-token response); "
                          f"give --max-context-tokens {need} or more" +
-                         (", or a smaller --max-response-tokens" if path else
-                          f" ({budget} tokens per turn is the least a reference row gets)"))
+                         (f" ({budget} tokens per turn is the least a reference row gets)" if floor else
+                          ", or a smaller --max-response-tokens"))
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     agent.make_run_dir(args.out)
     for name in ("report.md", "report.json"):  # never an older run's report beside this run's episodes

@@ -462,6 +462,15 @@ def whiten(x, mask, device):
     return (x - mean) / (std + 1e-8) * m
 
 
+def add_advantages(batch, args, device):
+    """GAE over the assistant tokens only, then (unless --no-whiten) the advantages whitened over the
+    tokens of the policy loss (without the states under --no-state-loss) of every rank."""
+    batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["assistant"],
+                                                args.gamma, args.lam)
+    if not args.no_whiten:
+        batch["advantages"] = whiten(batch["advantages"], batch["policy"], device)
+
+
 # -----------------------------------------------------------------------------
 # One PPO step on this rank's batch
 
@@ -840,12 +849,8 @@ def main(argv=None):
         # 3. old log-probs (the training forward pass, not the sampler's), values, reference log-probs
         mark = time.perf_counter()
         old_policy_forward(actor, critic, reference, batch, args, device, autocast)
-        # 5. GAE over the assistant tokens only; the advantages whitened over the tokens of the policy
-        # loss (without the states under --no-state-loss) of every rank
-        batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["assistant"],
-                                                    args.gamma, args.lam)
-        if not args.no_whiten:
-            batch["advantages"] = whiten(batch["advantages"], batch["policy"], device)
+        # 5. GAE over the assistant tokens only, advantages whitened over every rank's policy-loss tokens
+        add_advantages(batch, args, device)
         logprob_s = time.perf_counter() - mark  # steps 3 and 5
         # 6. PPO epochs x mini-batches
         mark = time.perf_counter()

@@ -224,7 +224,7 @@ def test_world_model_accuracy_definitions(tiny):
     (ep,) = agent.rollout(policy, tokenizer, "sokoban", [0], 1, mode="worldmodel", instruction="short",
                           env_overrides={"room": room}, max_turns=4)
     assert [t["format_valid"] for t in ep.turns] == [True, True, True, False]
-    assert ev.world_model_scores(ep, "worldmodel") == [(1.0, 1.0, 1.0), (0.0, 0.0, 1.0), (1.0, 1.0, 1.0),
+    assert ev.episode_world_model_scores(ep, "worldmodel") == [(1.0, 1.0, 1.0), (0.0, 0.0, 1.0), (1.0, 1.0, 1.0),
                                                        (1.0, 0.0, 1.0)]
     summary = ev.summarize([ep], [1], "worldmodel", seed=0)
     assert summary["wm_turns"] == 4 and summary["format_valid"] == 0.75
@@ -241,13 +241,13 @@ def test_frozenlake_prediction_is_scored_by_probability(tiny):
     policy = agent.text_policy(tokenizer, lambda ep: wm_response(env.render("coords"), intended, "Right"))
     (ep,) = agent.rollout(policy, tokenizer, "frozenlake", [0], 1, instruction="short", max_turns=1,
                           env_overrides={"desc": desc})
-    ((obs, pred, best),) = ev.world_model_scores(ep, "worldmodel")
+    ((obs, pred, best),) = ev.episode_world_model_scores(ep, "worldmodel")
     assert obs == 1.0 and pred == pytest.approx(1 / 3) and best == pytest.approx(1 / 3)
     # base mode scores only the turns that carry both states
     plain = agent.text_policy(tokenizer, lambda ep: "go</think><answer>Right</answer>")
     (ep,) = agent.rollout(plain, tokenizer, "frozenlake", [0], 1, mode="base", instruction="short", max_turns=1,
                           env_overrides={"desc": desc})
-    assert ev.world_model_scores(ep, "base") == []
+    assert ev.episode_world_model_scores(ep, "base") == []
 
 
 # -----------------------------------------------------------------------------
@@ -383,6 +383,9 @@ def test_too_small_a_context_names_the_smallest_that_fits(tmp_path, capsys, tiny
     assert f"need {smallest} tokens for a first turn on frozenlake" in message and smallest > 400
     with pytest.raises(SystemExit, match=f"give --max-context-tokens {smallest} or more"):
         ev.main([*argv, "--max-context-tokens", str(smallest - 1)])
+    with pytest.raises(SystemExit, match="or more, or a smaller --max-response-tokens$"):  # above the least
+        ev.main(["--env", "frozenlake", "--policy", "random", "--max-response-tokens", "5000",
+                 "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     # the value it names: every row plays its first turn on every puzzle
     ev.main([*argv, "--max-context-tokens", str(smallest)])

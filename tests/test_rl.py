@@ -152,10 +152,7 @@ def small_args(**overrides):
 def forward_and_advantages(model, critic, batch, args, device=torch.device("cpu")):
     """main's steps 3 and 5 on a batch: old log-probs and values, then GAE and whitened advantages."""
     rl.old_policy_forward(model, critic, None, batch, args, device, rl.nullcontext())
-    batch["advantages"], batch["returns"] = rl.gae(batch["rewards"], batch["values"], batch["assistant"], args.gamma,
-                                                   args.lam)
-    if not args.no_whiten:
-        batch["advantages"] = rl.whiten(batch["advantages"], batch["policy"], device)
+    rl.add_advantages(batch, args, device)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -590,9 +587,7 @@ args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unuse
                       "1", "--grad-clip", "1e9", "--entropy-coef", "0.01", "--micro-batch-tokens", "60"])
 batch, _ = rl.build_batch(episodes[rank::world], tokenizer, args)
 rl.old_policy_forward(model, critic, None, batch, args, device, rl.nullcontext())
-batch["advantages"], batch["returns"] = rl.gae(batch["rewards"], batch["values"], batch["assistant"], args.gamma,
-                                               args.lam)
-batch["advantages"] = rl.whiten(batch["advantages"], batch["policy"], device)  # over the tokens of every rank
+rl.add_advantages(batch, args, device)  # whitened over the tokens of every rank
 opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, critic)]
 rl.update(model, critic, *opts, batch, args, world, device, rl.nullcontext(), 0)
 if rank == 0:
