@@ -702,7 +702,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
-    step, first_epoch, skip_batches = 0, 0, 0
+    step, first_epoch, skip_batches, finished = 0, 0, 0, False
     if os.path.isfile(state_path):
         state = resume(state_path, model, optimizer)
         step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -717,7 +717,6 @@ def main(argv=None):
     # 5. train
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=None)
     pad = tokenizer.pad_token_id
-    trained = False  # by this invocation: a finished run started again has nothing to redo
     for epoch in range(first_epoch, args.epochs):
         if step >= total_steps and not (epoch == first_epoch and skip_batches):
             break  # --max-train-tokens ended training, and that epoch's end is logged and saved
@@ -750,10 +749,9 @@ def main(argv=None):
         agent.append_jsonl(metrics_path, row)
         tqdm.write(json.dumps(row))
         save_train_state(state_path, model, optimizer, step, epoch + 1, 0)
-        trained = True
     progress.close()
     eval_path, model_dir = os.path.join(args.out, "eval.json"), os.path.join(args.out, "model")
-    if not trained and os.path.isdir(model_dir) and os.path.isfile(eval_path):
+    if finished and os.path.isdir(model_dir) and os.path.isfile(eval_path):
         with open(eval_path) as f:
             summary = json.load(f)
         if summary.get("eval_turns") == args.eval_turns:  # finished before, and evaluated as asked now
@@ -764,7 +762,7 @@ def main(argv=None):
     # 6. the final checkpoint: a Hugging Face folder, the input of rl.py. A finished run evaluated again
     # (another --eval-turns) leaves its checkpoint as it is: evaluate.py would take a rewritten one for a
     # retrained one and play it again
-    if trained or not os.path.isdir(model_dir):
+    if not finished or not os.path.isdir(model_dir):
         print(f"checkpoint: {agent.save_checkpoint(model, tokenizer, model_dir, run_config=config)}", flush=True)
 
     # 7. world-model accuracy on held-out turns, greedy
