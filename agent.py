@@ -1295,6 +1295,35 @@ def env_overrides_problem(env_name, overrides):
 
 # argparse types and the run folder: a bad value is one line at start, not a traceback mid-run
 
+def help_with_defaults(parser, presets=None):
+    """Append each flag's default to its --help line: "(default: 0.2)", or for a flag a preset fills
+    in, every preset's value, "(paper: 1e-06; tiny: 0.0002)" -- argparse itself would show the None
+    the flag starts at. A preset value that depends on --env is shown per env."""
+    def shown(value):
+        if isinstance(value, dict):  # one value per env
+            return ", ".join(f"{env} {shown(v)}" for env, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return " ".join(map(str, value))
+        if isinstance(value, bool):  # a --flag / --no-flag pair
+            return "on" if value else "off"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return "none" if value is None else str(value)
+
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS) or "%(default)" in action.help:
+            continue  # positionals, --help, and flags whose help already shows it (BooleanOptionalAction)
+        by_preset = {name: preset[action.dest] for name, preset in (presets or {}).items() if action.dest in preset}
+        if by_preset:
+            text = "; ".join(f"{name}: {shown(value)}" for name, value in by_preset.items())
+        elif not (action.default is None or action.default is False or action.default in ([], {}, argparse.SUPPRESS)):
+            text = f"default: {shown(action.default)}"
+        else:
+            continue
+        action.help += f" ({text.replace('%', '%%')})"
+    return parser
+
+
 def json_object(text):
     """--env-overrides: a JSON object, e.g. '{"slippery": false}'."""
     try:

@@ -130,7 +130,7 @@ def parse_args(argv=None):
     parser.add_argument("--diff", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="also report pass@1 of A minus B on the same puzzles, with paired intervals; A and B "
                              "as given to --model, or random / oracle (repeatable)")
-    args = parser.parse_args(argv)
+    args = agent.help_with_defaults(parser).parse_args(argv)
     if args.puzzles < 1 or args.samples < 1 or args.batch_puzzles < 1:
         parser.error("--puzzles, --samples and --batch-puzzles must be >= 1")
     args.k = min(args.samples, 8) if args.k is None else args.k

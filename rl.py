@@ -95,7 +95,7 @@ def parse_args(argv=None):
     # what to train
     p("--env", required=True, choices=envs.ENVS, help="environment")
     p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
-    p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA; tiny preset: a fresh tiny model)")
+    p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA); none: a fresh tiny model")
     p("--out", required=True, help="run folder (created; an existing run there is resumed)")
     p("--seed", type=int, default=0,
       help="seed of rollouts, validation and the mini-batch order (the value head starts at 0)")
@@ -103,8 +103,8 @@ def parse_args(argv=None):
       help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' or \'{"max_steps": 1}\'')
     # rollout
     p("--mode", choices=agent.MODES,
-      help="prompt mode during RL (paper preset: base, the reference scripts' choice after SFT; tiny: "
-           "worldmodel, the prompt its SFT saw)")
+      help="prompt mode during RL: base is the reference scripts' choice after SFT, worldmodel the prompt the "
+           "tiny preset's SFT saw")
     p("--render", default="coords", choices=("coords", "grid"), help="state rendering in the prompt")
     p("--instruction", choices=("full", "short"), help="wording of the env instruction")
     p("--env-groups", type=int, help="puzzles per step")
@@ -130,8 +130,8 @@ def parse_args(argv=None):
            "an exact <prediction> (needs --mode worldmodel)")
     p("--state-loss", action=argparse.BooleanOptionalAction,
       help="--no-state-loss leaves the <observation>/<prediction> contents and the position trace before the "
-           "<prediction> out of the policy loss: SFT learnt the states, PPO learns the actions (tiny preset's "
-           "default: with them in, PPO wore the format down)")
+           "<prediction> out of the policy loss: SFT learnt the states, PPO learns the actions (with them in, "
+           "the tiny preset's PPO wore the format down)")
     # PPO
     p("--steps", type=int, help="PPO steps")
     p("--ppo-epochs", type=int, default=1, help="passes over each step's batch")
@@ -162,7 +162,7 @@ def parse_args(argv=None):
       help="samples per validation puzzle (Pass@k for k = 1, 2, 4, ... up to this, at most 32)")
     p("--val-seed-start", type=int, default=123, help="first validation seed (SPEC §3)")
     p("--save-every", type=int, default=10, help="steps between resumable saves")
-    args = parser.parse_args(argv)
+    args = agent.help_with_defaults(parser, PRESETS).parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

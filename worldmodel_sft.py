@@ -74,7 +74,7 @@ def parse_args(argv=None):
     # what to learn
     parser.add_argument("--env", required=True, choices=envs.ENVS, help="environment")
     parser.add_argument("--preset", default="paper", choices=PRESETS, help="defaults for the flags below")
-    parser.add_argument("--model", help="HF id or folder to finetune (tiny preset: a fresh tiny model)")
+    parser.add_argument("--model", help="HF id or folder to finetune; none: a fresh tiny model")
     parser.add_argument("--out", required=True, help="run folder (created; an existing run there is resumed)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and the tiny model")
     parser.add_argument("--env-overrides", type=agent.json_object, default={},
@@ -123,7 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--heldout-loss-turns", type=int, default=1000,
                         help="held-out turns (a fixed random sample) for the loss and teacher-forced accuracy "
                              "after each epoch")
-    args = parser.parse_args(argv)
+    args = agent.help_with_defaults(parser, PRESETS).parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.env] if isinstance(value, dict) else value)

@@ -677,6 +677,19 @@ def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_help_shows_each_flags_default_and_every_presets_value(capsys):
+    with pytest.raises(SystemExit):
+        rl.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "actor learning rate (paper: 1e-06; tiny: 0.0002)" in help_text  # filled in by the preset
+    assert "PPO ratio clip above 1 (default: 0.28)" in help_text
+    assert "(paper: on; tiny: off)" in help_text  # --state-loss / --no-state-loss
+    assert "first validation seed (SPEC §3) (default: 123)" in help_text
+    assert "--grad-checkpointing recompute activations in the backward pass --offload" in help_text  # a switch: no default
+    # the flags still start unset, so that a preset can fill them in
+    assert rl.parse_args(["--env", "sokoban", "--out", "x", "--preset", "tiny"]).actor_lr == 2e-4
+
+
 def test_memory_plan_of_the_paper_configuration():
     from transformers import Qwen2Config
     config = Qwen2Config(**agent.ARCHITECTURES["qwen2.5-1.5b"])

@@ -574,6 +574,8 @@ def test_cli_help_and_a_small_run(tmp_path):
     help_text = subprocess.run([sys.executable, "worldmodel_sft.py", "--help"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
     assert "--loss-spans" in help_text and "--preset" in help_text
+    # defaults that depend on --env are shown per env
+    assert "(paper: 0.0001; tiny: frozenlake 0.001, sokoban 0.001, sudoku 0.002)" in " ".join(help_text.split())
     out = subprocess.run([sys.executable, "worldmodel_sft.py", *SMALL, "--epochs", "1", "--out", str(tmp_path / "run")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
