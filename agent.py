@@ -871,6 +871,25 @@ def _encode(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def encode_chat(tokenizer, text):
+    """(token ids, (start, end) characters of each) of a rendered conversation (prompt_text, with
+    responses), tokenised as rollout() builds it: every assistant response apart from the prompt
+    before it, which ends in <think>. Tokenised in one piece, a BPE vocabulary like Qwen2's merges
+    the prompt's last '>' with the response's first '<' into '><', a token the sampler never
+    writes after that prompt -- training on it would teach a start the model never makes."""
+    response_starts = _template_pieces(tokenizer)[2]  # "...assistant\n<think>": a response follows
+    cuts, at = [0], text.find(response_starts)
+    while at != -1:
+        cuts.append(at + len(response_starts))
+        at = text.find(response_starts, cuts[-1])
+    ids, offsets = [], []
+    for lo, hi in zip(cuts, cuts[1:] + [len(text)]):
+        piece = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+        ids += piece["input_ids"]
+        offsets += [(lo + start, lo + end) for start, end in piece["offset_mapping"]]
+    return ids, offsets
+
+
 def rollout(policy, tokenizer, env_name, seeds, group_size, *, mode="worldmodel", render="coords",
             instruction="full", max_turns=MAX_TURNS, max_actions_per_turn=MAX_ACTIONS_PER_TURN,
             max_response_tokens=MAX_RESPONSE_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS,
@@ -1047,6 +1066,33 @@ _TRACE_STEP = (rf"(?:{'|'.join(sorted(set(envs.Sokoban.ACTIONS) | set(envs.Froze
 # A trace_sentence where replace_states puts it: the end of the thoughts, just before <prediction>.
 # The trace states positions (it is world model, not plan), so the PPO stages treat it as a state.
 TRACE_BEFORE_PREDICTION = re.compile(rf"{_TRACE_STEP}(?:; {_TRACE_STEP})*\.(?=\s*<prediction>)")
+
+
+def state_spans(text):
+    """Where a response states the world: (kind, start, end) character spans of the contents of every
+    complete <observation>...</observation> ("observation") and <prediction>...</prediction>
+    ("prediction"), and of every position trace right before a <prediction> ("trace"). This is the
+    one rule by which SFT's --loss-spans and PPO's --no-state-loss tell world-model tokens from the
+    rest (see state_token_kinds)."""
+    spans = []
+    for kind in ("observation", "prediction"):
+        open_tag, close_tag = f"<{kind}>", f"</{kind}>"
+        start = text.find(open_tag)
+        while start != -1:
+            end = text.find(close_tag, start + len(open_tag))
+            if end == -1:
+                break  # unclosed: no state was stated
+            spans.append((kind, start + len(open_tag), end))
+            start = text.find(open_tag, end + len(close_tag))
+    return spans + [("trace", *match.span()) for match in TRACE_BEFORE_PREDICTION.finditer(text)]
+
+
+def state_token_kinds(offsets, spans):
+    """For each token, given as its (start, end) characters, the kind of the state span it overlaps
+    (see state_spans), or None. Overlap, not containment: a BPE token that straddles a tag, like
+    '>(0', carries a piece of the state, so it is a state token -- for the loss masks of SFT and PPO
+    alike."""
+    return [next((kind for kind, s, e in spans if lo < e and s < hi), None) for lo, hi in offsets]
 
 
 def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):

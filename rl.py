@@ -39,6 +39,7 @@ mini-batch order is drawn from the same key. A resumed run therefore continues e
 uninterrupted one would (on the same number of ranks, which shard and filter the puzzles).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -273,27 +274,13 @@ def step_puzzle_seeds(args, step):
 
 
 def state_span_mask(tokenizer, tokens):
-    """1 for the response tokens that overlap the contents of a complete <observation>...</observation>
-    or <prediction>...</prediction> span, or the step-by-step trace written just before the
-    <prediction> (agent.TRACE_BEFORE_PREDICTION: "Right to (0,1)."), found in the text of the
-    tokens decoded one by one."""
+    """1 for the response tokens that state the world (agent.state_spans: the <observation> and
+    <prediction> contents and the position trace; agent.state_token_kinds: a token that overlaps one),
+    found in the text of the tokens decoded one by one."""
     pieces = tokenizer.batch_decode([[t] for t in tokens])
-    text = "".join(pieces)
-    spans = [match.span() for match in agent.TRACE_BEFORE_PREDICTION.finditer(text)]
-    for open_tag, close_tag in (("<observation>", "</observation>"), ("<prediction>", "</prediction>")):
-        start = text.find(open_tag)
-        while start != -1:
-            end = text.find(close_tag, start + len(open_tag))
-            if end == -1:
-                break
-            spans.append((start + len(open_tag), end))
-            start = text.find(open_tag, end + len(close_tag))
-    mask, offset = [], 0
-    for piece in pieces:
-        lo, hi = offset, offset + len(piece)
-        mask.append(int(any(lo < e and s < hi for s, e in spans)))
-        offset = hi
-    return mask
+    ends = list(itertools.accumulate(len(piece) for piece in pieces))
+    kinds = agent.state_token_kinds(zip([0] + ends, ends), agent.state_spans("".join(pieces)))
+    return [int(kind is not None) for kind in kinds]
 
 
 def turn_spans(assistant_mask):

@@ -349,6 +349,7 @@ def read_dataset(path):
 
 PROMPT, OBSERVATION, PREDICTION, OTHER, TRACE = 0, 1, 2, 3, 4  # what each token of a sequence is
 STATE_KINDS = (OBSERVATION, PREDICTION, TRACE)  # the world-model tokens: --loss-spans states / no-states
+STATE_KIND = {"observation": OBSERVATION, "prediction": PREDICTION, "trace": TRACE}  # agent.state_spans' kinds
 
 
 def conversations(examples):
@@ -372,41 +373,45 @@ def encode_conversation(tokenizer, turns, loss_spans):
     """(input_ids, labels, kinds) for one episode's kept turns: the last turn's prompt (the chat
     template up to its <think>), its response and <|im_end|>; every kept turn's response sits in
     that text. kinds tells each token apart: PROMPT (everything the model does not write, and
-    turns that were not kept), inside an <observation> or <prediction>, the thought TRACE (world-
-    model content too: it says where the pieces went), or OTHER response tokens (tags, thoughts,
-    answer, <|im_end|>). labels are -100 except on the response tokens that carry loss: all of
-    them, only the states and trace ("states"), or all but those ("no-states").
-    Tokens are classified by their character offsets."""
+    turns that were not kept), a state -- OBSERVATION or PREDICTION contents, or the thought TRACE
+    (world-model content too: it says where the pieces went), found by agent.state_spans, the rule
+    PPO's --no-state-loss uses -- or OTHER response tokens (tags, thoughts, answer, <|im_end|>).
+    labels are -100 except on the response tokens that carry loss: all of them, only the states
+    ("states"), or all but those ("no-states"). Tokens are classified by their character offsets;
+    each response is tokenised apart from the prompt before it, as in the rollout (agent.encode_chat)."""
     last = turns[-1]
     text = agent.prompt_text(tokenizer, last["messages"]) + last["response"] + "<|im_end|>"
-    spans = []  # (kind, start, end) in characters; state spans come after their response span
+    responses, states = [], []  # (start, end) of each kept turn's response; (kind, start, end) of its states
     for ex in turns:
         start = len(agent.prompt_text(tokenizer, ex["messages"]))
         target = ex["response"] + "<|im_end|>"
+        where = f"{ex['env']} seed {ex['seed']} turn {ex['turn']}"
         if text[start:start + len(target)] != target:
-            raise ValueError(f"{ex['env']} seed {ex['seed']} turn {ex['turn']}: the response is not where the "
-                             f"conversation of the later turns has it; the dataset is inconsistent")
-        spans.append((OTHER, start, start + len(target)))
-        for kind, open_tag, close_tag in ((OBSERVATION, "<observation>", "</observation>"),
-                                          (PREDICTION, "<prediction>", "</prediction>")):
-            open_at, close_at = target.find(open_tag), target.find(close_tag)
-            if open_at < 0 or close_at < open_at:
-                raise ValueError(f"{ex['env']} seed {ex['seed']} turn {ex['turn']}: no {open_tag} span")
-            spans.append((kind, start + open_at + len(open_tag), start + close_at))
-        if (trace := _trace_at(ex)) is not None:
-            spans.append((TRACE, start + trace[0], start + trace[1]))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            raise ValueError(f"{where}: the response is not where the conversation of the later turns has it; "
+                             f"the dataset is inconsistent")
+        responses.append((start, start + len(target)))
+        found = agent.state_spans(ex["response"])
+        for kind in ("observation", "prediction"):
+            if kind not in [k for k, _, _ in found]:
+                raise ValueError(f"{where}: no <{kind}> span")
+        if ex.get("trace") and [ex["response"][s:e] for k, s, e in found if k == "trace"] != [ex["trace"]]:
+            raise ValueError(f"{where}: the thought trace is not right before <prediction>; the dataset is "
+                             f"inconsistent")
+        states += [(kind, start + s, start + e) for kind, s, e in found]
+    ids, offsets = agent.encode_chat(tokenizer, text)  # as the rollout tokenises it
     labels, kinds = [], []
-    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        kind = PROMPT
-        for span_kind, s, e in spans:  # the innermost (last listed) span that holds the token wins
-            if s <= start and end <= e and end > start:
-                kind = span_kind
+    for token, (lo, hi), state in zip(ids, offsets, agent.state_token_kinds(offsets, states)):
+        if state is not None:
+            kind = STATE_KIND[state]
+        elif any(s <= lo and hi <= e and hi > lo for s, e in responses):
+            kind = OTHER
+        else:
+            kind = PROMPT
         carries_loss = kind != PROMPT and {"all": True, "states": kind in STATE_KINDS,
                                           "no-states": kind == OTHER}[loss_spans]
         labels.append(token if carries_loss else -100)
         kinds.append(kind)
-    return encoded["input_ids"], labels, kinds
+    return ids, labels, kinds
 
 
 def encode_example(tokenizer, example, loss_spans):
@@ -586,8 +591,7 @@ def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [tokenizer.encode(agent.prompt_text(tokenizer, ex["messages"]), add_special_tokens=False)
-                   for ex in chunk]
+        prompts = [agent.encode_chat(tokenizer, agent.prompt_text(tokenizer, ex["messages"]))[0] for ex in chunk]
         outputs, _ = agent.sample(model, prompts, max_response_tokens, stops, tokenizer.pad_token_id, temperature=0)
         for ex, tokens in zip(chunk, outputs):
             if tokens and tokens[-1] in stops:

@@ -11,6 +11,7 @@ import torch
 
 import agent
 import envs
+import rl
 import worldmodel_sft as sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,6 +134,26 @@ def test_heldout_split_is_by_puzzle(tiny):
 
 # -----------------------------------------------------------------------------
 # loss masks, checked by decoding the tokens that carry loss
+
+def test_sft_and_ppo_take_the_same_tokens_for_states_when_a_token_straddles_a_tag(qwen_style_tokenizer):
+    """SFT's --loss-spans and PPO's --no-state-loss find the states by one rule (agent.state_spans):
+    a token that overlaps a state is a state token, in both, with a tokenizer whose tokens cross tags."""
+    tokenizer = qwen_style_tokenizer
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(2), "worldmodel"), tokenizer,
+                             "sokoban", [5, 6], 2, instruction="short")
+    straddling = 0
+    for ex in sft.examples_from_episodes(episodes, thought_trace=True)[:6]:
+        ids, labels, kinds = sft.encode_example(tokenizer, ex, "states")
+        response = [i for i, kind in enumerate(kinds) if kind != sft.PROMPT]
+        assert response == list(range(response[0], len(ids)))  # the response is the end of the sequence
+        ppo_states = rl.state_span_mask(tokenizer, ids[response[0]:])
+        assert ppo_states == [int(kinds[i] in sft.STATE_KINDS) for i in response]
+        assert [int(label != -100) for label in labels[response[0]:]] == ppo_states
+        pieces = tokenizer.batch_decode([[t] for t in ids[response[0]:]])
+        straddling += sum(piece.startswith(">") and len(piece.strip()) == 1 and piece != piece.strip()
+                          for piece, state in zip(pieces, ppo_states) if state)  # ">\n", a state token
+    assert straddling > 0  # the case this test is about did occur
+
 
 @pytest.mark.parametrize("thought_trace", [False, True])
 def test_loss_masks_cover_exactly_the_intended_tokens(tiny, thought_trace):
