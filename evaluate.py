@@ -112,7 +112,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=8, help="episodes per puzzle (n of pass@k)")
     parser.add_argument("--k", type=int, help="largest k of pass@k (1, 2, 4, ... up to it; default: "
                                               "--samples, at most 8)")
-    parser.add_argument("--val-seed-start", type=int, default=123, help="first validation puzzle seed (SPEC §3)")
+    parser.add_argument("--val-seed-start", type=int, default=123,
+                        help="first validation puzzle seed (as rl.py's validation)")
     parser.add_argument("--env-overrides", type=agent.json_object, default={},
                         help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' (as in rl.py)')
     # prompts and sampling (unset: the checkpoint's run_config.json, else the paper's settings)

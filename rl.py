@@ -119,7 +119,8 @@ def parse_args(argv=None):
     p("--max-response-tokens", type=int, help="tokens per turn")
     p("--max-context-tokens", type=int,
       help="tokens per conversation (a turn is played only if a full --max-response-tokens response fits)")
-    p("--train-seed-start", type=int, default=10_000, help="puzzle seed of step 0's first group (SPEC §3)")
+    p("--train-seed-start", type=int, default=10_000,
+      help="puzzle seed of step 0's first group (far from the validation seeds)")
     p("--train-puzzles", type=int, default=0,
       help="train on this many puzzles only (seeds from --train-seed-start), played again in turn; 0: new "
            "puzzles every step")
@@ -161,7 +162,7 @@ def parse_args(argv=None):
     p("--val-puzzles", type=int, help="validation puzzles (seeds from --val-seed-start)")
     p("--val-samples", type=int,
       help="samples per validation puzzle (Pass@k for k = 1, 2, 4, ... up to this, at most 32)")
-    p("--val-seed-start", type=int, default=123, help="first validation seed (SPEC §3)")
+    p("--val-seed-start", type=int, default=123, help="first validation puzzle seed (as evaluate.py)")
     p("--save-every", type=int, default=10, help="steps between resumable saves")
     args = agent.help_with_defaults(parser, PRESETS).parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -676,7 +677,9 @@ def step_metrics(step, episodes, batch, stats, args, device, world, timings):
             "kept_episodes": len(batch["lengths"]), "kept_assistant_tokens": returns.numel(),
             "return_sum": returns.sum().item(), "return_square": (returns ** 2).sum().item(),
             "error_sum": (returns - values).sum().item(), "error_square": ((returns - values) ** 2).sum().item(),
-            "sampler_gap": sampler_gap.sum().item(), **stats}
+            "sampler_gap": sampler_gap.sum().item()}
+    assert not sums.keys() & stats.keys(), f"update() and step_metrics both sum {sums.keys() & stats.keys()}"
+    sums.update(stats)  # update()'s sums, over the kept episodes' tokens
     s = dict(zip(sums, all_sum(list(sums.values()), device)))
 
     def var(total, square, count):

@@ -87,7 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, help="self-play batches (seeds advance each batch)")
     parser.add_argument("--instruction", choices=("full", "short"), help="wording of the env instruction")
     parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
-    parser.add_argument("--train-seed-start", type=int, default=10_000, help="first puzzle seed (SPEC §3)")
+    parser.add_argument("--train-seed-start", type=int, default=10_000,
+                        help="first puzzle seed (far from the validation seeds)")
     parser.add_argument("--thought-trace", action=argparse.BooleanOptionalAction,
                         help="end each rewritten turn's thoughts with where the player (and a pushed box) went "
                              "after each action, e.g. 'Right to (2,2).' (see agent.trace_sentence; self-play "

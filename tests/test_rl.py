@@ -684,7 +684,7 @@ def test_help_shows_each_flags_default_and_every_presets_value(capsys):
     assert "actor learning rate (paper: 1e-06; tiny: 0.0002)" in help_text  # filled in by the preset
     assert "PPO ratio clip above 1 (default: 0.28)" in help_text
     assert "(paper: on; tiny: off)" in help_text  # --state-loss / --no-state-loss
-    assert "first validation seed (SPEC §3) (default: 123)" in help_text
+    assert "first validation puzzle seed (as evaluate.py) (default: 123)" in help_text
     # a switch shows no default
     assert "--grad-checkpointing recompute activations in the backward pass --offload" in help_text
     # the flags still start unset, so that a preset can fill them in
