@@ -876,8 +876,12 @@ def encode_chat(tokenizer, text):
     responses), tokenised as rollout() builds it: every assistant response apart from the prompt
     before it, which ends in <think>. Tokenised in one piece, a BPE vocabulary like Qwen2's merges
     the prompt's last '>' with the response's first '<' into '><', a token the sampler never
-    writes after that prompt -- training on it would teach a start the model never makes."""
-    response_starts = _template_pieces(tokenizer)[2]  # "...assistant\n<think>": a response follows
+    writes after that prompt -- training on it would teach a start the model never makes (and so
+    does '>' with a response's first newline or punctuation). The other end of a response needs no
+    cut: the template closes it with <|im_end|>, a special token, which no BPE merge crosses. A
+    response that itself held the text the template puts before a response would be cut there
+    too; a sampled one cannot (it stops at <|im_end|>)."""
+    _, _, response_starts = _template_pieces(tokenizer)  # "...assistant\n<think>": a response follows
     cuts, at = [0], text.find(response_starts)
     while at != -1:
         cuts.append(at + len(response_starts))
@@ -1353,8 +1357,8 @@ def help_with_defaults(parser, presets=None):
         if isinstance(value, bool):  # a --flag / --no-flag pair
             return "on" if value else "off"
         if isinstance(value, float):
-            return f"{value:g}"
-        return "none" if value is None else str(value)
+            return f"{value:.12g}"
+        return "unset" if value is None else str(value)
 
     for action in parser._actions:
         if not action.option_strings or action.help in (None, argparse.SUPPRESS) or "%(default)" in action.help:

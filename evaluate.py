@@ -117,10 +117,13 @@ def parse_args(argv=None):
     parser.add_argument("--env-overrides", type=agent.json_object, default={},
                         help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' (as in rl.py)')
     # prompts and sampling (unset: the checkpoint's run_config.json, else the paper's settings)
-    parser.add_argument("--mode", choices=agent.MODES, help="prompt format: worldmodel or base")
-    parser.add_argument("--render", choices=envs.RENDER_MODES, help="state shown in the prompt: coords or grid")
-    parser.add_argument("--instruction", choices=tuple(agent.INSTRUCTIONS), help="wording of the env instruction")
-    parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
+    checkpoints = "(default: the checkpoint's, from its run_config.json, else the paper preset's)"
+    parser.add_argument("--mode", choices=agent.MODES, help=f"prompt format: worldmodel or base {checkpoints}")
+    parser.add_argument("--render", choices=envs.RENDER_MODES,
+                        help=f"state shown in the prompt: coords or grid {checkpoints}")
+    parser.add_argument("--instruction", choices=tuple(agent.INSTRUCTIONS),
+                        help=f"wording of the env instruction {checkpoints}")
+    parser.add_argument("--max-response-tokens", type=int, help=f"token budget per turn {checkpoints}")
     parser.add_argument("--max-context-tokens", type=int, default=agent.MAX_CONTEXT_TOKENS,
                         help="token budget per conversation")
     parser.add_argument("--temperature", type=agent.finite_float, default=1.0, help="sampling temperature (0: greedy)")

@@ -96,7 +96,7 @@ def parse_args(argv=None):
     # what to train
     p("--env", required=True, choices=envs.ENVS, help="environment")
     p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
-    p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA); none: a fresh tiny model")
+    p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA); unset: a fresh tiny model")
     p("--out", required=True, help="run folder (created; an existing run there is resumed)")
     p("--seed", type=int, default=0,
       help="seed of rollouts, validation and the mini-batch order (the value head starts at 0)")
@@ -678,7 +678,8 @@ def step_metrics(step, episodes, batch, stats, args, device, world, timings):
             "return_sum": returns.sum().item(), "return_square": (returns ** 2).sum().item(),
             "error_sum": (returns - values).sum().item(), "error_square": ((returns - values) ** 2).sum().item(),
             "sampler_gap": sampler_gap.sum().item()}
-    assert not sums.keys() & stats.keys(), f"update() and step_metrics both sum {sums.keys() & stats.keys()}"
+    if clash := sums.keys() & stats.keys():
+        raise RuntimeError(f"update() and step_metrics both sum {sorted(clash)}")
     sums.update(stats)  # update()'s sums, over the kept episodes' tokens
     s = dict(zip(sums, all_sum(list(sums.values()), device)))
 

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     # what to learn
     parser.add_argument("--env", required=True, choices=envs.ENVS, help="environment")
     parser.add_argument("--preset", default="paper", choices=PRESETS, help="defaults for the flags below")
-    parser.add_argument("--model", help="HF id or folder to finetune; none: a fresh tiny model")
+    parser.add_argument("--model", help="HF id or folder to finetune; unset: a fresh tiny model")
     parser.add_argument("--out", required=True, help="run folder (created; an existing run there is resumed)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and the tiny model")
     parser.add_argument("--env-overrides", type=agent.json_object, default={},
@@ -248,8 +248,8 @@ def shuffled_states(examples, rng):
     instruction-tuned model, which writes plausible states of its own in the spans the loss leaves
     out. A tiny model learns nothing there at all: after <observation> it never learns to write a
     state, nor when to close one. The "observation"/"prediction" fields keep the truth (evaluation
-    scores against them); "trace" is the trace the new response holds (the loss masks find it by
-    it).
+    scores against them); "trace" is the trace the new response holds (encode_conversation checks
+    that the loss masks find it there).
 
     A turn's prompt holds the episode's earlier responses; they are rewritten too, to the shuffled
     responses those turns train on, so that a conversation reads the same in every later prompt
@@ -392,12 +392,13 @@ def encode_conversation(tokenizer, turns, loss_spans):
                              f"the dataset is inconsistent")
         responses.append((start, start + len(target)))
         found = agent.state_spans(ex["response"])
+        found_kinds = {kind for kind, _, _ in found}
         for kind in ("observation", "prediction"):
-            if kind not in [k for k, _, _ in found]:
+            if kind not in found_kinds:
                 raise ValueError(f"{where}: no <{kind}> span")
-        if ex.get("trace") and [ex["response"][s:e] for k, s, e in found if k == "trace"] != [ex["trace"]]:
-            raise ValueError(f"{where}: the thought trace is not right before <prediction>; the dataset is "
-                             f"inconsistent")
+        trace = _trace_at(ex)  # the rewrite's trace, where the rewrite put it (or a clear error)
+        if trace and not any(k == "trace" and s <= trace[0] and e == trace[1] for k, s, e in found):
+            raise ValueError(f"{where}: the recorded thought trace is not one agent.state_spans finds")
         states += [(kind, start + s, start + e) for kind, s, e in found]
     ids, offsets = agent.encode_chat(tokenizer, text)  # as the rollout tokenises it
     labels, kinds = [], []

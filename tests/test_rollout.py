@@ -254,22 +254,26 @@ def test_rollout_tokens_masks_and_truncated_responses(tiny):
 
 
 @pytest.mark.parametrize("which", ["tiny", "qwen_style_tokenizer"])
-def test_encode_chat_tokenises_a_conversation_as_the_rollout_built_it(which, request):
+@pytest.mark.parametrize("mode, budget", [("worldmodel", agent.MAX_RESPONSE_TOKENS), ("base", 6)])
+def test_encode_chat_tokenises_a_conversation_as_the_rollout_built_it(which, mode, budget, request):
     """SFT tokenises the rendered conversations it trains on with agent.encode_chat: it must give the
-    rollout's tokens, response by response, also where tokenising the text in one piece would not."""
+    rollout's tokens, response by response, also where tokenising the text in one piece would not
+    (and with responses cut short by the budget, which have no <|im_end|>)."""
     tokenizer = request.getfixturevalue(which)[1] if which == "tiny" else request.getfixturevalue(which)
-    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(3), "worldmodel"), tokenizer, "sokoban",
-                             [7, 8], 2, instruction="short")
-    joined_differs = False
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(3), mode), tokenizer, "sokoban",
+                             [7, 8], 2, mode=mode, instruction="short", max_response_tokens=budget)
+    joined_differs = cut_short = False
     for ep in episodes:
-        last = ep.messages[-1]["content"][len(agent.THINK_START):]  # every response closed with <|im_end|>
-        text = agent.prompt_text(tokenizer, ep.messages[:-1]) + last + "<|im_end|>"
+        last = ep.messages[-1]["content"][len(agent.THINK_START):]
+        text = agent.prompt_text(tokenizer, ep.messages[:-1]) + last + ("<|im_end|>" if ep.turns[-1]["stopped"] else "")
         ids, offsets = agent.encode_chat(tokenizer, text)
         assert ids == ep.tokens
         assert "".join(text[start:end] for start, end in offsets) == text
         joined_differs |= tokenizer.encode(text, add_special_tokens=False) != ep.tokens
+        cut_short |= not all(turn["stopped"] for turn in ep.turns)
     # the tiny tokenizer keeps every tag a token, so one piece is the same; Qwen2's split merges '><'
     assert joined_differs == (which == "qwen_style_tokenizer")
+    assert cut_short == (budget == 6)
 
 
 def test_rollout_context_limit(tiny):

@@ -155,6 +155,21 @@ def test_sft_and_ppo_take_the_same_tokens_for_states_when_a_token_straddles_a_ta
     assert straddling > 0  # the case this test is about did occur
 
 
+def test_a_trace_like_thought_before_the_recorded_trace_is_a_state_as_in_ppo(tiny):
+    """Thoughts that end in a step of their own ("Up to (1,1); ") run into the rewrite's trace: the
+    rule (agent.state_spans) takes both as one trace, in SFT as in PPO, and the recorded trace is
+    still where the dataset says -- not an error."""
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(1), "worldmodel"), tokenizer, "sokoban",
+                             [5], 1, instruction="short")
+    ex = sft.examples_from_episodes(episodes, thought_trace=True)[0]
+    ex = {**ex, "response": ex["response"].replace(" " + ex["trace"], " Up to (1,1); " + ex["trace"])}
+    ids, _, kinds = sft.encode_example(tokenizer, ex, "all")
+    assert tokenizer.decode([t for t, k in zip(ids, kinds) if k == sft.TRACE]) == "Up to (1,1); " + ex["trace"]
+    start = kinds.index(sft.OTHER)
+    assert rl.state_span_mask(tokenizer, ids[start:]) == [int(k in sft.STATE_KINDS) for k in kinds[start:]]
+
+
 @pytest.mark.parametrize("thought_trace", [False, True])
 def test_loss_masks_cover_exactly_the_intended_tokens(tiny, thought_trace):
     _, tokenizer = tiny
@@ -348,6 +363,26 @@ def test_world_model_evaluation_scores_each_turn_exactly(tiny, monkeypatch):
             for r in records] == [(1, 1, 1, 1), (1, 0, 0, 1), (1, 1, 1, 1), (0, 1, 0, 1)]
     assert summary == {"observation_exact": 0.75, "prediction_exact": 0.5, "prediction_bayes": 1.0,
                        "format_valid": 0.75, "heldout_turns": 4}
+
+
+def test_world_model_evaluation_prompts_are_the_training_sequences_prefix(qwen_style_tokenizer, monkeypatch):
+    """A held-out turn's prompt is tokenised as its training sequence begins (agent.encode_chat),
+    also with a tokenizer that merges across the prompt's end when given the text in one piece."""
+    tokenizer = qwen_style_tokenizer
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(4), "worldmodel"), tokenizer, "frozenlake",
+                             [11, 12], 2, instruction="short")
+    examples = [ex for ex in sft.examples_from_episodes(episodes) if ex["turn"] > 1][:4]  # prompts with responses
+    assert examples
+    seen = []
+
+    def no_response(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return [[] for _ in prompts], None
+    monkeypatch.setattr(agent, "sample", no_response)
+    sft.evaluate_world_model(torch.nn.Linear(1, 1), tokenizer, examples, 8)
+    for ex, prompt in zip(examples, seen):
+        ids, _, kinds = sft.encode_example(tokenizer, ex, "all")
+        assert prompt == ids[:kinds.index(sft.OTHER)]
 
 
 def test_the_sft_step_is_the_same_in_any_micro_batches(tiny_dir):
