@@ -1234,10 +1234,15 @@ def write_atomically(path, write):
     """write(f) a whole file atomically: into a temporary file beside it, on disk, then renamed into
     place, so that a crash leaves either the old file or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a failed write (disk full, Ctrl-C) leaves the old file and no half-written one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

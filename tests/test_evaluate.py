@@ -59,6 +59,21 @@ def test_bootstrap_interval():
     assert ev.bootstrap_ci([0.25] * 10, np.random.default_rng(0)) == [0.25, 0.25]
 
 
+def test_bootstrap_interval_resamples_every_puzzle_and_cuts_2_5_percent_from_each_side():
+    """The 95% interval is the 2.5% and 97.5% quantiles of means over puzzles drawn uniformly with
+    replacement from all of them. test_bootstrap_interval's symmetric data and loose width let a
+    90% interval, or a draw that never picks the last puzzle, pass."""
+    values = np.random.default_rng(1).random(15)
+    rng = np.random.default_rng(0)
+    means = values[rng.integers(0, 15, size=(1000, 15))].mean(axis=1)
+    expected = [round(float(q), 4) for q in np.quantile(means, [0.025, 0.975])]
+    assert ev.bootstrap_ci(values, np.random.default_rng(0)) == expected
+    assert expected != [round(float(q), 4) for q in np.quantile(means, [0.05, 0.95])]  # the level is visible
+    # one success in 10 puzzles, the last: a resampled mean is Binomial(10, 0.1) / 10, whose 2.5% and
+    # 97.5% quantiles are 0 and 0.3 (P(X <= 2) = 0.930, P(X <= 3) = 0.987); [0, 0] if it were never drawn
+    assert ev.bootstrap_ci([0.0] * 9 + [1.0], np.random.default_rng(0), resamples=20000) == [0.0, 0.3]
+
+
 def test_paired_difference():
     a = {1: [1, 1, 0, 0], 2: [1, 1, 1, 1]}
     b = {2: [1, 1, 1, 0], 1: [0, 0, 0, 0]}  # the same puzzles, in any order
@@ -177,6 +192,22 @@ def test_env_overrides_reach_the_puzzles_and_the_exact_values(tmp_path, capsys):
     episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
     assert {e["messages"][1]["content"].split("State:\n")[1][:19] for e in episodes} == {"____\n_PG_\n____\n____"}
     assert json.load(open(out / "report.json"))["config"]["env_overrides"] == overrides
+
+
+@pytest.mark.parametrize("room, max_steps, success", [
+    ("#######\n#P__XO#\n#######", 3, 1.0),  # 3 moves, a budget of 3: solved with no action to spare
+    ("################\n#__P___________#\n##############_#\n#OX____________#\n################", 30, 1.0),
+    ("################\n#_P____________#\n##############_#\n#OX____________#\n################", 30, 0.0),
+])
+def test_sokoban_oracle_exact_success_at_the_edges_of_the_budgets(tmp_path, capsys, room, max_steps, success):
+    """The oracle's exact success on Sokoban is 1 iff the optimal solution fits both budgets, each
+    inclusive: the env's max_steps (3 moves for 3 steps) and MAX_TURNS x MAX_ACTIONS_PER_TURN = 25
+    (the corridors need 25 and 26 moves); the played pass@1 agrees."""
+    assert agent.MAX_TURNS * agent.MAX_ACTIONS_PER_TURN == 25
+    rows, _ = run(tmp_path, capsys, "--env", "sokoban", "--policy", "oracle", "--puzzles", "1", "--samples", "1",
+                  "--k", "1", "--env-overrides", json.dumps({"room": room, "max_steps": max_steps}))
+    (r,) = rows
+    assert r["exact_success"] == r["pass@1"] == success
 
 
 def test_diff_reports_the_paired_difference_of_two_rows(tmp_path, capsys):

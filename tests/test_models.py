@@ -262,6 +262,32 @@ def test_resume_train_state_refuses_bad_states_and_keeps_code_bugs_visible(tmp_p
         agent.resume_train_state(path, ("model",), buggy_restore, "x")
 
 
+def test_a_save_that_fails_midway_leaves_the_old_file(tmp_path):
+    """write_atomically writes beside the file and renames: a save that dies partway (disk full, an
+    object that cannot be pickled) leaves the previous train state whole, not a truncated one."""
+    path = str(tmp_path / "train_state.pt")
+    layer = torch.nn.Linear(2, 1)
+    agent.save_train_state(path, {"model": layer.state_dict(), "step": 3})
+    good = (tmp_path / "train_state.pt").read_bytes()
+
+    def write_half(f):
+        f.write(good[:len(good) // 2])
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        agent.write_atomically(path, write_half)
+    assert (tmp_path / "train_state.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]  # and no half-written file beside it
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        agent.save_train_state(path, {"model": layer.state_dict(), "step": 4, "extra": Unpicklable()})
+    assert (tmp_path / "train_state.pt").read_bytes() == good
+    state = agent.resume_train_state(path, ("model", "step"), lambda s: layer.load_state_dict(s["model"]), "x")
+    assert state["step"] == 3
+
+
 def test_a_script_interrupted_says_how_to_continue(capsys):
     def interrupted_main(argv):
         raise KeyboardInterrupt

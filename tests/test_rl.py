@@ -139,6 +139,30 @@ def test_token_logprobs_and_entropy_match_a_full_forward(tiny):
     assert torch.allclose(entropy[:, 1:][where[:, 1:].bool()], expected_entropy[where[:, 1:].bool()], atol=1e-4)
 
 
+def test_values_are_read_from_the_hidden_state_before_each_token(tiny, tiny_dir):
+    """V at token t is the value of the state before t (the hidden state at t-1), as the log-prob of t
+    is: a critic that read the hidden state at t would see the token it is the baseline for. The
+    value head starts at zero, which hides any offset, so it gets random weights here."""
+    _, tokenizer = tiny
+    ids = torch.tensor([tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right"),
+                        tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right")[:-2] + [0, 0]])
+    attention = torch.ones_like(ids)
+    attention[1, -2:] = 0
+    where = torch.zeros_like(ids)
+    where[:, 5:-2] = 1
+    critic = rl.build_critic(tiny_dir, "cpu")
+    with torch.no_grad():
+        torch.nn.init.normal_(critic["value_head"].weight, generator=torch.Generator().manual_seed(0))
+        critic["value_head"].bias.fill_(0.3)
+        values = rl.token_values(critic, ids, attention, where)
+        hidden = critic["backbone"](input_ids=ids, attention_mask=attention).last_hidden_state
+        expected = critic["value_head"](hidden).squeeze(-1)  # (b, T): the value after each position
+    scored = where.bool()
+    assert torch.allclose(values[:, 1:][scored[:, 1:]], expected[:, :-1][scored[:, 1:]], atol=1e-5)
+    assert not torch.allclose(values[:, 1:][scored[:, 1:]], expected[:, 1:][scored[:, 1:]], atol=1e-2)
+    assert (values[~scored] == 0).all()
+
+
 # -----------------------------------------------------------------------------
 # Batches from rollouts
 
@@ -424,11 +448,30 @@ def test_the_update_scores_tokens_at_the_sampling_temperature(tiny, tiny_dir):
     model, tokenizer = tiny
     args = small_args(state_loss=False, kl_coef=0.0, mini_batch=6, ppo_epochs=1, temperature=0.7)
     batch = scored_random_batch(model, tokenizer, tiny_dir, args)
+    actor, _ = agent.load_model(tiny_dir, device="cpu")  # the same weights; the shared model stays untouched
     critic = rl.build_critic(tiny_dir, "cpu")
-    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (model, critic)]
-    stats = rl.update(model, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (actor, critic)]
+    stats = rl.update(actor, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
     assert abs(stats["approx_kl"]) < 1e-6 * stats["policy_tokens"]
     assert stats["clip_low"] == stats["clip_high"] == 0
+
+
+def test_each_sequence_is_in_exactly_one_mini_batch_per_epoch(tiny, tiny_dir):
+    """Six sequences in mini-batches of two: three optimiser steps, and every sequence's tokens
+    counted once (overlapping slices would train some sequences twice in an epoch, unnoticed as long
+    as a batch fits in one mini-batch)."""
+    model, tokenizer = tiny
+    args = small_args(state_loss=False, kl_coef=0.0, mini_batch=2, ppo_epochs=1)
+    batch = scored_random_batch(model, tokenizer, tiny_dir, args)
+    assert len(batch["lengths"]) == 6
+    actor, _ = agent.load_model(tiny_dir, device="cpu")
+    critic = rl.build_critic(tiny_dir, "cpu")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (actor, critic)]
+    stats = rl.update(actor, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
+    assert stats["optimizer_steps"] == 3
+    assert stats["response_tokens"] == batch["assistant"].sum()
+    assert stats["policy_tokens"] == batch["policy"].sum()
+    assert stats["outside_tokens"] == (batch["assistant"] - batch["policy"]).sum() > 0
 
 
 def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir):
@@ -467,6 +510,28 @@ def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir)
     assert moved["outside_tokens"] == states.sum() and moved["policy_tokens"] == batch["policy"].sum()
     assert moved["approx_kl_outside"] / moved["outside_tokens"] > 0.1  # moved toward the reference
     assert 0 < moved["approx_kl"] / moved["policy_tokens"] < moved["approx_kl_outside"] / moved["outside_tokens"]
+
+
+def test_the_critic_is_trained_on_the_states_that_the_policy_loss_leaves_out(tiny, tiny_dir):
+    """With --no-state-loss GAE still runs over every response token, the states' too, so the value
+    loss must cover them (assistant mask, not policy mask). Returns that equal the old values except
+    on the state tokens, +1 there: only a value loss over the states gives the critic a gradient."""
+    model, tokenizer = tiny
+    args = small_args(state_loss=False, kl_coef=0.0, mini_batch=6, ppo_epochs=1)
+    batch = scored_random_batch(model, tokenizer, tiny_dir, args)
+    states = (batch["assistant"] - batch["policy"]).bool()
+    assert states.any()
+    batch["advantages"].zero_()
+    batch["returns"] = (batch["values"] + states.float()) * batch["assistant"]
+    actor, _ = agent.load_model(tiny_dir, device="cpu")
+    critic = rl.build_critic(tiny_dir, "cpu")
+    actor_opt, critic_opt = torch.optim.SGD(actor.parameters(), lr=0.0), torch.optim.SGD(critic.parameters(), lr=0.1)
+    rl.update(actor, critic, actor_opt, critic_opt, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
+    assert critic["value_head"].bias.item() > 0
+    with torch.no_grad():
+        values = rl.token_values(critic, batch["ids"], batch["attention"], batch["assistant"])
+    error = lambda v: ((v[states] - batch["returns"][states]) ** 2).mean().item()  # noqa: E731
+    assert error(values) < error(batch["values"]) - 1e-3  # the states' values moved toward their returns
 
 
 # -----------------------------------------------------------------------------

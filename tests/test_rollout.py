@@ -224,6 +224,24 @@ def test_rollout_format_penalty(tiny):
     assert not ep.turns[0]["format_valid"] and ep.turns[0]["executed"] == [] and ep.score == pytest.approx(-0.1)
 
 
+def test_the_next_prompt_reports_the_env_reward_without_the_format_penalty(tiny):
+    """The "Reward:" line of the next user message is what the env said; the format penalty is a
+    training signal and stays out of it (a penalised turn must not read as an env reward of -0.1)."""
+    _, tokenizer = tiny
+    room = "######\n#P_XO#\n#____#\n######"
+    responses = [" no answer here </think>",  # format penalty -0.1, nothing runs: the env said 0
+                 answer("Down", "Jump", "Up"),  # two steps of -0.1 from the env, and the penalty -0.1
+                 answer("Down")]
+    (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "sokoban", [0], 1, mode="base",
+                          render="grid", max_turns=3, env_overrides={"room": room})
+    t1, t2, _ = ep.turns
+    assert (t1["env_reward"], t1["reward"]) == (0.0, pytest.approx(-0.1))
+    assert (t2["env_reward"], t2["reward"]) == (pytest.approx(-0.2), pytest.approx(-0.3))
+    assert [m["role"] for m in ep.messages[3:6:2]] == ["user", "user"]
+    assert ep.messages[3]["content"].startswith("Reward:\n0\nTurn 2:")
+    assert ep.messages[5]["content"].startswith("Reward:\n-0.2\nTurn 3:")
+
+
 def test_rollout_tokens_masks_and_truncated_responses(tiny):
     _, tokenizer = tiny
     long = answer("Up") + " and then a very long ramble" * 40
@@ -302,6 +320,25 @@ def test_rollout_context_limit(tiny):
     (none,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1,
                             max_context_tokens=starts[0] + 99, **kwargs)
     assert none.end_reason == "context" and none.turns == [] and none.tokens == longer.tokens[:starts[0]]
+
+
+def test_rollout_plays_a_turn_that_exactly_fills_the_context(tiny):
+    """The context check's boundary: a next prompt plus a full response that fill max_context_tokens
+    exactly still fit (the limit is inclusive), at the first turn and at a later one."""
+    _, tokenizer = tiny
+    responses = [answer("Down") + " padding" * 30] * 5
+    kwargs = dict(mode="base", render="grid", instruction="short", max_response_tokens=100,
+                  env_overrides={"desc": ["P___", "____", "____", "___G"], "slippery": False})
+    (longer,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1,
+                              max_context_tokens=10_000, **kwargs)
+    starts = [i for i in range(1, len(longer.tokens)) if longer.assistant_mask[i] and not longer.assistant_mask[i - 1]]
+    assert len(starts) >= 3
+    for turns in (1, 2):  # the limit leaves room for exactly `turns` prompts and full responses
+        limit = starts[turns - 1] + 100
+        (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "frozenlake", [1], 1,
+                              max_context_tokens=limit, **kwargs)
+        assert len(ep.turns) == turns and ep.end_reason == "context"
+        assert len(ep.tokens) <= limit and ep.tokens == longer.tokens[:len(ep.tokens)]
 
 
 def test_rollout_with_the_model_is_reproducible(tiny):

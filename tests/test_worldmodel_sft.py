@@ -1,5 +1,6 @@
 """Self-play world-model SFT: state substitution, loss masks, training, resume, bad input."""
 import json
+import math
 import os
 import random
 import shutil
@@ -316,6 +317,19 @@ def test_learning_rate_schedule():
     lrs = [sft.learning_rate(s, 100, Args) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-5
+
+
+def test_cosine_decay_is_measured_from_the_end_of_warm_up():
+    """The cosine phase starts at the peak on the first step after warm-up and is half-way down half-way
+    through the remaining steps, to the floor min_lr_ratio * lr (progress counted from step 0
+    instead would start it at ~0.98 lr and reach the floor early)."""
+    class Args:
+        lr, warmup, min_lr_ratio = 1e-3, 0.1, 0.1
+    lrs = [sft.learning_rate(s, 100, Args) for s in range(100)]  # 10 warm-up steps, then 90 of cosine
+    assert lrs[10] == pytest.approx(1e-3, rel=1e-9)
+    assert lrs[55] == pytest.approx(1e-4 + 9e-4 * 0.5, rel=1e-9)  # progress 45 / 90
+    assert lrs[99] == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 89 / 90)), rel=1e-9)
+    assert min(lrs[10:]) > 1e-4  # the floor is approached, never passed
 
 
 def test_presets_resolve_per_env_values_and_flags_win():
