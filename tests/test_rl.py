@@ -121,14 +121,20 @@ def test_whiten_over_the_mask_of_every_token_it_covers():
     assert torch.allclose(inside, (values - values.mean()) / values.std(unbiased=False), atol=1e-5)
 
 
-def test_token_logprobs_and_entropy_match_a_full_forward(tiny):
-    model, tokenizer = tiny
-    ids = torch.tensor([tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right"),
-                        tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right")[:-2] + [0, 0]])
+def two_scored_rows(tokenizer):
+    """(ids, attention, where): two rows, the second right-padded by two, scored from position 5."""
+    text = "Turn 1:\nState:\nP_G_\n<think> I will try Right"
+    ids = torch.tensor([tokenizer.encode(text), tokenizer.encode(text)[:-2] + [0, 0]])
     attention = torch.ones_like(ids)
     attention[1, -2:] = 0
     where = torch.zeros_like(ids)
     where[:, 5:-2] = 1
+    return ids, attention, where
+
+
+def test_token_logprobs_and_entropy_match_a_full_forward(tiny):
+    model, tokenizer = tiny
+    ids, attention, where = two_scored_rows(tokenizer)
     with torch.no_grad():
         logp, entropy = rl.token_logprobs(model, ids, attention, where, with_entropy=True)
         full = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), -1)
@@ -144,12 +150,7 @@ def test_values_are_read_from_the_hidden_state_before_each_token(tiny, tiny_dir)
     is: a critic that read the hidden state at t would see the token it is the baseline for. The
     value head starts at zero, which hides any offset, so it gets random weights here."""
     _, tokenizer = tiny
-    ids = torch.tensor([tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right"),
-                        tokenizer.encode("Turn 1:\nState:\nP_G_\n<think> I will try Right")[:-2] + [0, 0]])
-    attention = torch.ones_like(ids)
-    attention[1, -2:] = 0
-    where = torch.zeros_like(ids)
-    where[:, 5:-2] = 1
+    ids, attention, where = two_scored_rows(tokenizer)
     critic = rl.build_critic(tiny_dir, "cpu")
     with torch.no_grad():
         torch.nn.init.normal_(critic["value_head"].weight, generator=torch.Generator().manual_seed(0))
