@@ -1099,24 +1099,57 @@ def state_token_kinds(offsets, spans):
     return [next((kind for kind, s, e in spans if lo < e and s < hi), None) for lo, hi in offsets]
 
 
-def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
-    """What the random-action behaviour policy writes (SPEC §4): the format with random actions,
-    stated as its plan in the thoughts before the prediction, so that the prediction is a function
-    of the state and the plan (a transition model can learn it; it cannot learn to guess actions
-    it only sees afterwards). In world-model mode it writes the current state as both observation
-    and prediction; self-play SFT replaces both with the truth before training on them."""
-    answer = f" {ACTION_SEPARATOR} ".join(random_actions(env, rng, max_actions))
-    # compact: no spaces between tags (every tag is a token of its own, and so is every space)
+def plan_response(actions, mode, observation, prediction, intent):
+    """A scripted response in the mode's format that plays `actions` and states them as its plan
+    in the thoughts before the prediction ("{intent} Right || Down."), so that the prediction is
+    a function of the state and the plan (a transition model can learn it; it cannot learn to
+    guess actions it only sees afterwards). Compact: no spaces between tags (every tag is a token
+    of its own, and so is every space)."""
+    answer = f" {ACTION_SEPARATOR} ".join(actions)
     if mode == "base":
-        return f"I will try {answer}.</think><answer>{answer}</answer>"
-    return replace_states(f"<observation></observation>I will try {answer}.<prediction></prediction></think>"
-                          f"<answer>{answer}</answer>", env.render("coords"), env.render("grid"))
+        return f"{intent} {answer}.</think><answer>{answer}</answer>"
+    return replace_states(f"<observation></observation>{intent} {answer}.<prediction></prediction></think>"
+                          f"<answer>{answer}</answer>", observation, prediction)
+
+
+def random_response(env, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
+    """What the random-action behaviour policy writes (SPEC §4): random actions, with the current
+    state as both observation and prediction; self-play SFT replaces both with the truth before
+    training on them."""
+    return plan_response(random_actions(env, rng, max_actions), mode, env.render("coords"), env.render("grid"),
+                         "I will try")
 
 
 def random_policy(tokenizer, rng, mode, max_actions=MAX_ACTIONS_PER_TURN):
     """The random-action behaviour policy, for self-play with a model that cannot write the
     format yet, and as evaluation's chance baseline."""
     return text_policy(tokenizer, lambda ep: random_response(ep.env, rng, mode, max_actions))
+
+
+def oracle_plan(env, turns_left):
+    """The optimal next turn from the env's current state (at most MAX_ACTIONS_PER_TURN actions)."""
+    if isinstance(env, envs.FrozenLake):
+        plan = env.oracle_actions(turns_left, max_turns=MAX_TURNS,
+                                  max_actions_per_turn=MAX_ACTIONS_PER_TURN)
+    else:
+        plan = env.solve()  # Sokoban: BFS from the current state; Sudoku: the remaining moves
+    if not plan:
+        raise RuntimeError(f"the oracle found no move on {type(env).__name__}: a bug in the solver or the rollout")
+    return plan[:MAX_ACTIONS_PER_TURN]
+
+
+def oracle_response(env, turns_left, mode):
+    """What the oracle writes: its next turn, the true state as observation and the most likely
+    state after the turn as prediction."""
+    actions = oracle_plan(env, turns_left)
+    outcomes = envs.next_grid_distribution(env, actions)
+    return plan_response(actions, mode, env.render("coords"), max(outcomes, key=outcomes.get), "I will play")
+
+
+def oracle_policy(tokenizer, mode):
+    """The optimal policy, replanned every turn: evaluation's upper reference row, and a behaviour
+    policy for self-play (worldmodel_sft.py --behaviour oracle: how well can a model imitate it?)."""
+    return text_policy(tokenizer, lambda ep: oracle_response(ep.env, MAX_TURNS - len(ep.turns), mode))
 
 
 def model_policy(model, tokenizer, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_forward=None):

@@ -226,35 +226,6 @@ def random_plan_lengths(continue_p=agent.RANDOM_PLAN_CONTINUE, max_actions=agent
     return [(1 - continue_p) * continue_p ** (L - 1) for L in range(1, max_actions)] + [continue_p ** (max_actions - 1)]
 
 
-def oracle_plan(env, turns_left):
-    """The optimal next turn from the env's current state (at most MAX_ACTIONS_PER_TURN actions)."""
-    if isinstance(env, envs.FrozenLake):
-        plan = env.oracle_actions(turns_left, max_turns=agent.MAX_TURNS,
-                                  max_actions_per_turn=agent.MAX_ACTIONS_PER_TURN)
-    else:
-        plan = env.solve()  # Sokoban: BFS from the current state; Sudoku: the remaining moves
-    if not plan:
-        raise RuntimeError(f"the oracle found no move on {type(env).__name__}: a bug in the solver or the rollout")
-    return plan[:agent.MAX_ACTIONS_PER_TURN]
-
-
-def scripted_response(env, actions, mode):
-    """A response in the mode's format that plays `actions`; in world-model mode its observation
-    is the true state and its prediction the most likely state after the actions."""
-    answer = f" {agent.ACTION_SEPARATOR} ".join(actions)
-    if mode == "base":
-        return f"I will play {answer}.</think><answer>{answer}</answer>"
-    outcomes = envs.next_grid_distribution(env, actions)
-    prediction = max(outcomes, key=outcomes.get)
-    return agent.replace_states(f"<observation></observation>I will play {answer}.<prediction></prediction>"
-                                f"</think><answer>{answer}</answer>", env.render("coords"), prediction)
-
-
-def oracle_policy(tokenizer, mode):
-    return agent.text_policy(tokenizer, lambda ep: scripted_response(
-        ep.env, oracle_plan(ep.env, agent.MAX_TURNS - len(ep.turns)), mode))
-
-
 def exact_success(env_name, policy, seeds, env_overrides=None):
     """Mean exact success probability of a reference policy over the puzzles; None where unknown."""
     values = []
@@ -526,7 +497,7 @@ def play_row(name, model, tokenizer, settings, env_name, seeds, ks, args, device
     if reference and name == "random":
         policy = agent.random_policy(tokenizer, random.Random(args.seed), settings["mode"])
     elif reference:
-        policy = oracle_policy(tokenizer, settings["mode"])
+        policy = agent.oracle_policy(tokenizer, settings["mode"])
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)

@@ -67,6 +67,7 @@ PRESETS = {
 LOSS_SPANS = ("all", "states", "no-states")
 HELDOUT_EVERY = 5  # every 5th puzzle of a self-play batch is held out: SPEC §4's 20%
 STATE_TARGETS = ("true", "shuffled")
+BEHAVIOURS = ("model", "random", "oracle")
 
 
 def parse_args(argv=None):
@@ -81,7 +82,8 @@ def parse_args(argv=None):
                         help='JSON of envs.make overrides for self-play, e.g. \'{"slippery": false}\'')
     # self-play data
     parser.add_argument("--data", help="train on this dataset.jsonl instead of playing")
-    parser.add_argument("--behaviour", choices=("model", "random"), help="who plays: the model or random actions")
+    parser.add_argument("--behaviour", choices=BEHAVIOURS,
+                        help="who plays: the model, random actions, or the oracle (an imitation ceiling: README)")
     parser.add_argument("--env-groups", type=int, help="puzzles per self-play batch")
     parser.add_argument("--group-size", type=int, help="episodes per puzzle")
     parser.add_argument("--batches", type=int, help="self-play batches (seeds advance each batch)")
@@ -207,8 +209,12 @@ def self_play(args, model, tokenizer, device, data_path):
     partial_path, state_path = data_path + ".partial", os.path.join(args.out, SELFPLAY_STATE)
     rng = random.Random(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    policy = (agent.random_policy(tokenizer, rng, "worldmodel") if args.behaviour == "random" else
-              agent.model_policy(model, tokenizer, temperature=1.0, generator=generator))
+    if args.behaviour == "random":
+        policy = agent.random_policy(tokenizer, rng, "worldmodel")
+    elif args.behaviour == "oracle":
+        policy = agent.oracle_policy(tokenizer, "worldmodel")
+    else:
+        policy = agent.model_policy(model, tokenizer, temperature=1.0, generator=generator)
     examples, first_batch = [], 0
     if os.path.isfile(state_path) and os.path.isfile(partial_path):
         def restore(state):

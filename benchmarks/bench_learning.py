@@ -23,6 +23,11 @@ Then evaluate.py plays the same validation puzzles with the final models and the
 checkpoints, next to the random and oracle rows, and pairs spa with vanilla and with online on
 those puzzles (evaluate.py --diff).
 
+--behaviour oracle lets the oracle play the self-play of both SFT arms instead of random actions:
+not the method (the paper's model plays itself), but the nearest this scale has to a base model
+that already plays well -- the SFT then copies a competent policy, and the question is whether
+the world model in it still helps PPO.
+
 Two questions, two modes:
   default        new puzzles every PPO step, evaluation on unseen puzzles (seeds 123, ...): does
                  the policy generalise? The paper's claim.
@@ -128,7 +133,7 @@ def stage_argvs(args, out):
     scale = SCALES["quick" if args.quick else "full"]
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     common = ["--env", args.env, "--preset", "tiny"]
-    sft = common + ["--seed", str(args.seed)] + scale["sft"]
+    sft = common + ["--seed", str(args.seed), "--behaviour", args.behaviour] + scale["sft"]
     stages = {
         # 1. self-play SFT: the SPA arm plays and trains on the true states; vanilla trains on the same
         # dataset with every turn's states taken from another random turn
@@ -200,8 +205,12 @@ def parse_args(argv=None):
                         help="rl.py --kl-coef for every PPO run: a KL penalty to the run's SFT checkpoint over "
                              f"all response tokens, the states too (default: {FIXED_MAPS_KL_COEF} with --fixed-maps, "
                              "else the tiny preset's, 0)")
+    parser.add_argument("--behaviour", default="random", choices=("random", "oracle"),
+                        help="who plays in the SFT stages' self-play (worldmodel_sft.py --behaviour): random "
+                             "actions, as the tiny preset has it, or the oracle, a stand-in for a base model "
+                             "that already plays well (README)")
     parser.add_argument("--out", help="folder for the runs and the report (default: runs/learning-ENV[-fixedN]"
-                                      "[-klC when --kl-coef is not the mode's default][-quick])")
+                                      "[-klC when --kl-coef is not the mode's default][-oracleplay][-quick])")
     parser.add_argument("--seed", type=int, default=0, help="seed of the SFT stages, the first PPO seed")
     args = agent.help_with_defaults(parser).parse_args(argv)
     if args.fixed_maps < 0:
@@ -217,6 +226,7 @@ def parse_args(argv=None):
         args.out = os.path.join("runs", f"learning-{args.env}" + (f"-fixed{args.fixed_maps}" if args.fixed_maps
                                                                   else "")
                                 + (f"-kl{args.kl_coef:g}" if args.kl_coef not in (None, mode_kl_coef) else "")
+                                + ("-oracleplay" if args.behaviour == "oracle" else "")
                                 + ("-quick" if args.quick else ""))
     if args.kl_coef is None:
         args.kl_coef = mode_kl_coef
@@ -262,7 +272,7 @@ def main(argv=None):
     oracle = row["oracle"]["exact_success"] if row["oracle"]["exact_success"] is not None else \
         row["oracle"]["pass@1"]
     summary = {"env": args.env, "quick": args.quick, "fixed_maps": args.fixed_maps, "ppo_seeds": args.ppo_seeds,
-               "kl_coef": ppo_config["kl_coef"],
+               "kl_coef": ppo_config["kl_coef"], "behaviour": args.behaviour,
                **{f"{arm}_pass1": arm_mean(arm, "pass@1") for arm in ARMS},
                "oracle": oracle, "random": row["random"]["pass@1"],
                **{f"{arm}_pass1_ci": arm_half_width(arm) for arm in ARMS},

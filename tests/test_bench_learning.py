@@ -28,8 +28,7 @@ spec.loader.exec_module(bench_learning)
 
 
 def plan(out, **flags):
-    args = argparse.Namespace(**{"env": "frozenlake", "quick": False, "fixed_maps": 0, "ppo_seeds": 1, "seed": 0,
-                                 "kl_coef": None, **flags})
+    args = argparse.Namespace(**{**vars(bench_learning.parse_args([])), **flags})  # defaults, kl_coef unset
     os.makedirs(os.path.join(out, "sft-spa"))
     open(os.path.join(out, "sft-spa", "dataset.jsonl"), "w").close()  # vanilla's SFT checks its --data exists
     return bench_learning.stage_argvs(args, out)
@@ -101,6 +100,19 @@ def test_kl_coef_reaches_every_ppo_run_and_nothing_else(tmp_path):
         assert "--kl-coef" not in anchored[name]
 
 
+def test_oracle_play_reaches_both_sft_stages_and_nothing_else(tmp_path):
+    default = plan(str(tmp_path / "a"))
+    oracle = plan(str(tmp_path / "b"), behaviour="oracle")
+    for name in ("sft-spa", "sft-vanilla"):
+        assert worldmodel_sft.parse_args(default[name]).behaviour == "random"  # the tiny preset's
+        assert worldmodel_sft.parse_args(oracle[name]).behaviour == "oracle"
+        assert without(oracle[name], "--behaviour", "--out", "--data") == \
+            without(default[name], "--behaviour", "--out", "--data")
+    for name in oracle:
+        if name.startswith("rl-") or name == "evaluate":
+            assert "--behaviour" not in oracle[name]
+
+
 def test_fixed_maps_default_to_a_kl_penalty_and_the_folder_names_a_departure_from_the_default():
     def parsed(*flags):
         args = bench_learning.parse_args(list(flags))
@@ -112,6 +124,8 @@ def test_fixed_maps_default_to_a_kl_penalty_and_the_folder_names_a_departure_fro
     assert parsed("--env", "sokoban", "--kl-coef", "0.1", "--quick") == (0.1, os.path.join(
         "runs", "learning-sokoban-kl0.1-quick"))
     assert parsed("--fixed-maps", "8", "--out", "x") == (0.1, "x")
+    assert parsed("--behaviour", "oracle", "--quick") == (None, os.path.join("runs",
+                                                                            "learning-frozenlake-oracleplay-quick"))
     default = bench_learning.stage_argvs(bench_learning.parse_args(["--fixed-maps", "8"]), "x")
     assert all(rl.parse_args(argv).kl_coef == 0.1 for name, argv in default.items() if name.startswith("rl-"))
 
@@ -119,8 +133,8 @@ def test_fixed_maps_default_to_a_kl_penalty_and_the_folder_names_a_departure_fro
 def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path):
     out = str(tmp_path)
     anchored = plan(out, fixed_maps=8, kl_coef=0.1)
-    default = bench_learning.stage_argvs(argparse.Namespace(
-        env="frozenlake", quick=False, fixed_maps=8, ppo_seeds=1, seed=0, kl_coef=None), out)
+    default = bench_learning.stage_argvs(argparse.Namespace(**{**vars(bench_learning.parse_args([])),
+                                                               "fixed_maps": 8}), out)
     finished = rl.parse_args(anchored["rl-spa"])
     os.makedirs(os.path.join(finished.out, "model"))
     with open(os.path.join(finished.out, "run_config.json"), "w") as f:  # as rl.py writes it
@@ -136,7 +150,7 @@ def test_stages_copied_into_another_benchmark_folder_are_reused_there(tmp_path):
     copies' recorded paths (their own folder, vanilla's --data in sft-spa) follow them."""
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     plan(first)
-    settings = argparse.Namespace(env="frozenlake", quick=False, fixed_maps=8, ppo_seeds=1, seed=0, kl_coef=None)
+    settings = argparse.Namespace(**{**vars(bench_learning.parse_args([])), "fixed_maps": 8})
     finished = worldmodel_sft.parse_args(bench_learning.stage_argvs(settings, first)["sft-vanilla"])
     os.makedirs(os.path.join(finished.out, "model"))
     with open(os.path.join(finished.out, "run_config.json"), "w") as f:  # as worldmodel_sft.py writes it

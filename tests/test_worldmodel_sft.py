@@ -133,6 +133,33 @@ def test_heldout_split_is_by_puzzle(tiny):
     assert sorted(seed for seed, (s,) in split_of_seed.items() if s == "heldout") == [104, 109]
 
 
+
+@pytest.mark.parametrize("env_name", ["sokoban", "frozenlake"])
+def test_oracle_self_play_records_the_oracles_turns_with_true_states(tmp_path, tiny, env_name):
+    """--behaviour oracle: every example is the oracle's plan from its turn's state, rewritten with
+    the true states like any self-play turn; on Sokoban (no chance) every episode is solved."""
+    _, tokenizer = tiny
+    args = sft.parse_args(["--env", env_name, "--preset", "tiny", "--behaviour", "oracle", "--env-groups", "5",
+                           "--group-size", "2", "--batches", "1", "--out", str(tmp_path)])
+    examples = sft.self_play(args, None, tokenizer, torch.device("cpu"), str(tmp_path / "dataset.jsonl"))
+    assert len({(ex["seed"], ex["sample"]) for ex in examples}) == 10  # every episode kept its turns
+    for ex in examples:
+        env = sft.env_at_turn(ex)  # replays the history to the recorded observation
+        assert ex["actions"] == agent.oracle_plan(env, agent.MAX_TURNS - (ex["turn"] - 1))
+        assert "I will play " + " || ".join(ex["actions"]) in ex["response"]
+        assert states(ex["response"]) == (ex["observation"], ex["prediction"])
+        for action in ex["executed"]:
+            env.step(action)
+        assert env.render("grid") == ex["prediction"]
+    if env_name == "sokoban":
+        last_turns = {}
+        for ex in examples:
+            last_turns[(ex["seed"], ex["sample"])] = ex
+        for ex in last_turns.values():
+            env = sft.env_at_turn(ex)
+            assert [env.step(a)[3]["success"] for a in ex["executed"]][-1]
+
+
 # -----------------------------------------------------------------------------
 # loss masks, checked by decoding the tokens that carry loss
 
