@@ -1330,12 +1330,21 @@ def run_config(args):
     return {**vars(args), "model": args.model or os.path.join(args.out, "base_model")}
 
 
-def settings_changed(run_dir, config, may_change=()):
+def default_run_config(parse_args, args):
+    """The run_config a stage's parse_args gives args' env, preset and run folder with every other
+    flag left at its default: what settings_changed takes a flag to have been in a run that began
+    before the flag existed."""
+    return run_config(parse_args(["--env", args.env, "--preset", args.preset, "--out", args.out]))
+
+
+def settings_changed(run_dir, config, may_change=(), defaults=None):
     """How the settings in config differ from those of the run already in run_dir (its
     run_config.json), as one line; None when they agree. Keys in may_change are allowed to differ.
     A stage checks this before it resumes: continuing a run's state (or reusing its data) under
     other flags would mix two runs and report them as one -- so a run without its run_config.json
-    cannot be checked, and that is said too.
+    cannot be checked, and that is said too. A key its run_config.json lacks (a flag added to the
+    code since that run began: a fork's new switch) agrees when its value now is its value in
+    defaults (default_run_config), the code's behaviour before the flag, by the usual convention.
 
     The run folder may have been moved or copied since, alone or with its siblings (a benchmark's
     folder, whose stages point into each other): a path recorded inside the old folder, or inside
@@ -1364,6 +1373,8 @@ def settings_changed(run_dir, config, may_change=()):
         return isinstance(then, str) and isinstance(now, str) and bool(then and now) and any(
             (where := inside(then, old)) is not None and where == inside(now, new) for old, new in moves)
     now = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
+    before = {**{key: value for key, value in json.loads(json.dumps(defaults or {})).items() if key in now},
+              **before}
     changed = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(before) | set(now))
                if key not in may_change and not agree(before.get(key), now.get(key))]
     return "; ".join(changed) or None

@@ -14,11 +14,11 @@ One PPO step, numbered as main() numbers it in its loop:
   2. filter       -- keep the groups (puzzles) whose episodes' training rewards vary most: a group where
                      every sample scored the same has nothing to compare (under torchrun each rank
                      filters the groups it played)
-  3. old log-probs and values -- the log-probs of the acting policy (recomputed with the training
+  3. rewards      -- the episode score on its last token (or each turn's reward on that turn's last
+                     token), laid out with the batch of token sequences
+  4. old log-probs and values -- the log-probs of the acting policy (recomputed with the training
                      forward pass), the critic's values and, with --kl-coef > 0, the reference policy's
                      log-probs
-  4. rewards      -- the episode score on its last token (or each turn's reward on that turn's last
-                     token); laid out with the batch, before step 3
   5. GAE          -- over the assistant tokens only: prompt tokens in between are skipped as if the
                      assistant's tokens were one sequence; advantages whitened over the policy-loss tokens
   6. epochs x mini-batches -- PPO's clipped objective (asymmetric clip), entropy bonus, optional KL to
@@ -263,7 +263,9 @@ def build_critic(model_path, device):
 # -----------------------------------------------------------------------------
 # Batches. Every per-token quantity is a (b, T) tensor aligned with the token ids: position t holds
 # what concerns token t (its log-prob given tokens < t, the value of the state before it, its
-# reward). Sequences are right-padded; pads and prompt tokens are 0 in every mask.
+# reward). Sequences are right-padded; pads and prompt tokens are 0 in every mask. Every tensor in
+# a batch is such a (b, T) tensor (rows_of cuts them all to a micro-batch); a per-sequence
+# quantity stays a list, as "lengths" does.
 
 def step_puzzle_seeds(args, step):
     """The env seeds of a step's puzzles: the next env_groups of the training sequence, which is
@@ -743,7 +745,8 @@ def main(argv=None):
     if is_main:
         agent.make_run_dir(args.out)
     if os.path.isfile(state_path):  # resuming: the same run or an error, on every rank, before any loading
-        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
+        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
+                                         agent.default_run_config(parse_args, args))
         if changed:
             raise SystemExit(f"error: {args.out} holds a PPO run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")
@@ -830,19 +833,19 @@ def main(argv=None):
         policy = agent.model_policy(sampler.eval(), tokenizer, temperature=args.temperature, generator=generator)
         episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.group_size, **rollout_kwargs(args))
         rollout_s = time.perf_counter() - start
-        # 2. filter groups, and (ahead of 3) 4. rewards on tokens: build_batch lays the kept episodes out
+        # 2. filter groups, and 3. rewards on tokens: build_batch lays the kept episodes out
         # as (N, T) tensors, each reward on its token
         kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward)
         batch, kept = build_batch(kept, tokenizer, args)
         if all_sum([0.0 if kept else 1.0], device)[0]:  # every rank stops together, none waits on another
             raise SystemExit("error: a rank kept no episode with an assistant token (does the first prompt plus "
                              "--max-response-tokens exceed --max-context-tokens?)")
-        # 3. old log-probs (the training forward pass, not the sampler's), values, reference log-probs
+        # 4. old log-probs (the training forward pass, not the sampler's), values, reference log-probs
         mark = time.perf_counter()
         old_policy_forward(actor, critic, reference, batch, args, device, autocast)
         # 5. GAE over the assistant tokens only, advantages whitened over every rank's policy-loss tokens
         add_advantages(batch, args, device)
-        logprob_s = time.perf_counter() - mark  # steps 3 and 5
+        logprob_s = time.perf_counter() - mark  # steps 4 and 5
         # 6. PPO epochs x mini-batches
         mark = time.perf_counter()
         if args.offload_optimizer:

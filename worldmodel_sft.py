@@ -97,7 +97,8 @@ def parse_args(argv=None):
                              "only, a --data file keeps what it was written with)")
     # SFT
     parser.add_argument("--loss-spans", default="all", choices=LOSS_SPANS,
-                        help="response tokens that carry loss: all, only the states, or all but the states")
+                        help="response tokens that carry loss: all, only the states, or all but the states "
+                             "(states: the observation, the prediction and the position trace before it)")
     parser.add_argument("--state-targets", default="true", choices=STATE_TARGETS,
                         help="states the training responses hold: the truth, or the states of other random "
                              "training turns (the format without the world model: the vanilla baseline at tiny "
@@ -655,7 +656,8 @@ def main(argv=None):
     config = agent.run_config(args)
     if any(os.path.isfile(path) for path in (state_path, data_path, os.path.join(args.out, SELFPLAY_STATE))):
         # resuming training or self-play, or reusing the self-play data: only with the same settings
-        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE)
+        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
+                                         agent.default_run_config(parse_args, args))
         if changed:
             raise SystemExit(f"error: {args.out} holds an SFT run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete the folder to start over")

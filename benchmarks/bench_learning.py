@@ -95,7 +95,8 @@ def run_stage(name, done_path, stage, argv):
     copy sft-spa and sft-vanilla into a new --out to try other PPO settings on the same SFT."""
     if os.path.exists(done_path):
         args = stage.parse_args(argv)
-        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS)
+        changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS,
+                                         agent.default_run_config(stage.parse_args, args))
         if changed:
             raise SystemExit(f"error: {name} in {args.out} is not this benchmark's run ({changed}); "
                              f"use another --out")

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -324,23 +323,27 @@ def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
     assert grid in text.replace("\n", "") and "<answer>" not in text and "</think>" not in text
 
 
-def fake_episode(group, score):
-    return types.SimpleNamespace(group=group, turn_rewards=[score], turns=[{"observation": None,
-                                                                          "prediction": None,
-                                                                          "format_valid": True}])
+def one_turn_episode(tokens, prompt_length, reward, group=0):
+    """A real agent.Episode of one valid turn: a response after a prompt of prompt_length tokens,
+    rewarded `reward` (a stand-in of another type would break when batch code reads a new field)."""
+    n = len(tokens)
+    return agent.Episode("frozenlake", seed=0, group=group, sample=0, env=None, tokens=tokens,
+                         assistant_mask=[0] * prompt_length + [1] * (n - prompt_length), logprobs=[0.0] * n,
+                         turn_ends=[n - 1], turn_rewards=[reward], score=reward,
+                         turns=[{"observation": None, "prediction": None, "format_valid": True}])
 
 
 def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
     scores = {0: [0, 0, 0, 0], 1: [1, 0, 1, 0], 2: [1, 1, 1, 1], 3: [0, 0, 0, 1], 4: [0.5, 0, 0, 0],
               5: [1, 0, 0, 1], 6: [-1, 1, -1, 1], 7: [0, 0, 0, 0]}
-    episodes = [fake_episode(g, s) for g, ss in scores.items() for s in ss]
+    episodes = [one_turn_episode([], 0, s, group=g) for g, ss in scores.items() for s in ss]
     kept = rl.filter_groups(episodes, 0.25)
     assert sorted({ep.group for ep in kept}) == [1, 6]  # std 1 (group 6), then 0.5 (1 and 5: the earlier)
     assert len(kept) == 8
     assert {ep.group for ep in rl.filter_groups(episodes, 0.5)} == {6, 1, 5, 3}
     assert {ep.group for ep in rl.filter_groups(episodes, 0.01)} == {6}  # at least one group
     assert len(rl.filter_groups(episodes, 1.0)) == len(episodes)
-    hundred = [fake_episode(g, s) for g in range(100) for s in (0.0, g + 1.0)]
+    hundred = [one_turn_episode([], 0, s, group=g) for g in range(100) for s in (0.0, g + 1.0)]
     assert len({ep.group for ep in rl.filter_groups(hundred, 0.29)}) == 29  # 0.29 * 100 is 28.999999999999996
 
 
@@ -368,11 +371,7 @@ def test_one_update_raises_the_probability_of_the_higher_advantage_response(tiny
     sequences = [prompt + good, prompt + bad] * 4
     episodes = []
     for i, seq in enumerate(sequences):
-        mask = [0] * len(prompt) + [1] * (len(seq) - len(prompt))
-        episodes.append(types.SimpleNamespace(tokens=seq, assistant_mask=mask, logprobs=[0.0] * len(seq),
-                                              turn_ends=[len(seq) - 1], turn_rewards=[1.0 if i % 2 == 0 else 0.0],
-                                              turns=[{"observation": None, "prediction": None,
-                                                      "format_valid": True}]))
+        episodes.append(one_turn_episode(seq, len(prompt), 1.0 if i % 2 == 0 else 0.0))
     args = small_args(actor_lr=1e-3, critic_lr=1e-3, mini_batch=8, entropy_coef=0.0)
     batch, _ = rl.build_batch(episodes, tokenizer, args)
     device = torch.device("cpu")
@@ -630,7 +629,7 @@ def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
 
 # One update on a fixed batch, by one process on all of it or by each torchrun rank on its share.
 UPDATE_SCRIPT = """
-import json, sys, types
+import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import agent, rl
@@ -644,11 +643,11 @@ answers = ["Right", "Left", "Up || Down", "Right || Right || Down", "Down", "Up"
 episodes = []
 for i, answer in enumerate(answers):
     response = tokenizer.encode(f"I go.</think><answer>{answer}</answer><|im_end|>", add_special_tokens=False)
-    n = len(prompt) + len(response)
-    mask = [0] * len(prompt) + [1] * len(response)
-    episodes.append(types.SimpleNamespace(tokens=prompt + response, assistant_mask=mask, logprobs=[0.0] * n,
-                                          turn_ends=[n - 1], turn_rewards=[(i % 3) - 0.7 * i],
-                                          turns=[{"observation": None, "prediction": None, "format_valid": True}]))
+    n, reward = len(prompt) + len(response), (i % 3) - 0.7 * i
+    episodes.append(agent.Episode("frozenlake", seed=0, group=i, sample=0, env=None, tokens=prompt + response,
+                                  assistant_mask=[0] * len(prompt) + [1] * len(response), logprobs=[0.0] * n,
+                                  turn_ends=[n - 1], turn_rewards=[reward], score=reward,
+                                  turns=[{"observation": None, "prediction": None, "format_valid": True}]))
 args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--mini-batch", "8", "--ppo-epochs",
                       "1", "--grad-clip", "1e9", "--entropy-coef", "0.01", "--micro-batch-tokens", "60"])
 batch, _ = rl.build_batch(episodes[rank::world], tokenizer, args)

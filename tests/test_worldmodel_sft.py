@@ -486,8 +486,13 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
     monkeypatch.setattr(agent, "append_jsonl", original)
-    # the folder renamed before the resume: the fresh tiny model recorded inside it follows
+    # the folder renamed before the resume: the fresh tiny model recorded inside it follows; and its
+    # run_config.json lacks two flags, as one written before they existed (a plain default and a
+    # preset's): they were at their defaults then
     shutil.move(tmp_path / "b", tmp_path / "renamed")
+    recorded = json.load(open(tmp_path / "renamed" / "run_config.json"))
+    del recorded["weight_decay"], recorded["thought_trace"]
+    (tmp_path / "renamed" / "run_config.json").write_text(json.dumps(recorded))
     resumed = sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2"])
     rows_b = [json.loads(line) for line in open(tmp_path / "renamed" / "metrics.jsonl")]
 
@@ -515,6 +520,12 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     # the same folder with other settings would train another run on this one's data and state
     with pytest.raises(SystemExit, match=r"cannot continue \(lr: 0.001 there, 0.002 now\)"):
         sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--lr", "2e-3"])
+    # nor may a flag the run did not record leave its default
+    recorded = json.load(open(tmp_path / "renamed" / "run_config.json"))
+    del recorded["weight_decay"]
+    (tmp_path / "renamed" / "run_config.json").write_text(json.dumps(recorded))
+    with pytest.raises(SystemExit, match=r"cannot continue \(weight_decay: 0.01 there, 0.1 now\)"):
+        sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--weight-decay", "0.1"])
     assert json.load(open(tmp_path / "renamed" / "run_config.json"))["lr"] == 1e-3
 
 
