@@ -1142,13 +1142,17 @@ def oracle_response(env, turns_left, mode):
     """What the oracle writes: its next turn, the true state as observation and the most likely
     state after the turn as prediction."""
     actions = oracle_plan(env, turns_left)
-    outcomes = envs.next_grid_distribution(env, actions)
-    return plan_response(actions, mode, env.render("coords"), max(outcomes, key=outcomes.get), "I will play")
+    prediction = ""
+    if mode == "worldmodel":
+        outcomes = envs.next_grid_distribution(env, actions)
+        prediction = max(outcomes, key=outcomes.get)
+    return plan_response(actions, mode, env.render("coords"), prediction, "I will play")
 
 
 def oracle_policy(tokenizer, mode):
-    """The optimal policy, replanned every turn: evaluation's upper reference row, and a behaviour
-    policy for self-play (worldmodel_sft.py --behaviour oracle: how well can a model imitate it?)."""
+    """The optimal policy, replanned every turn, for rollouts of MAX_TURNS turns: evaluation's upper
+    reference row, and a behaviour policy for self-play (worldmodel_sft.py --behaviour oracle: how
+    well can a model imitate it?)."""
     return text_policy(tokenizer, lambda ep: oracle_response(ep.env, MAX_TURNS - len(ep.turns), mode))
 
 
@@ -1330,11 +1334,15 @@ def run_config(args):
     return {**vars(args), "model": args.model or os.path.join(args.out, "base_model")}
 
 
-def default_run_config(parse_args, args):
+def default_run_config(parse_args, args, presets):
     """The run_config a stage's parse_args gives args' env, preset and run folder with every other
-    flag left at its default: what settings_changed takes a flag to have been in a run that began
-    before the flag existed."""
-    return run_config(parse_args(["--env", args.env, "--preset", args.preset, "--out", args.out]))
+    flag left at its default, less the flags a preset fills in: what settings_changed takes a flag
+    to have been in a run that began before the flag existed. A preset's value is left out because
+    presets are where new features get switched on (the tiny preset's --thought-trace came on with
+    the flag), so a run older than the flag did not run at it. A new flag must parse with only
+    --env, --preset and --out given."""
+    config = run_config(parse_args(["--env", args.env, "--preset", args.preset, "--out", args.out]))
+    return {key: value for key, value in config.items() if key not in presets[args.preset]}
 
 
 def settings_changed(run_dir, config, may_change=(), defaults=None):
@@ -1343,8 +1351,8 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
     A stage checks this before it resumes: continuing a run's state (or reusing its data) under
     other flags would mix two runs and report them as one -- so a run without its run_config.json
     cannot be checked, and that is said too. A key its run_config.json lacks (a flag added to the
-    code since that run began: a fork's new switch) agrees when its value now is its value in
-    defaults (default_run_config), the code's behaviour before the flag, by the usual convention.
+    code since that run began: a fork's new switch) is taken to have had its value in defaults
+    (default_run_config), the code's behaviour before the flag, by the usual convention.
 
     The run folder may have been moved or copied since, alone or with its siblings (a benchmark's
     folder, whose stages point into each other): a path recorded inside the old folder, or inside
@@ -1373,10 +1381,13 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
         return isinstance(then, str) and isinstance(now, str) and bool(then and now) and any(
             (where := inside(then, old)) is not None and where == inside(now, new) for old, new in moves)
     now = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
-    before = {**{key: value for key, value in json.loads(json.dumps(defaults or {})).items() if key in now},
-              **before}
-    changed = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(before) | set(now))
-               if key not in may_change and not agree(before.get(key), now.get(key))]
+    assumed = {key: value for key, value in json.loads(json.dumps(defaults or {})).items()
+               if key in now and key not in before}
+    recorded = {**assumed, **before}
+    shown = {key: f"not recorded (taken as {value!r})" for key, value in assumed.items()}
+    changed = [f"{key}: {shown.get(key, repr(recorded.get(key)))} there, {now.get(key)!r} now"
+               for key in sorted(set(recorded) | set(now))
+               if key not in may_change and not agree(recorded.get(key), now.get(key))]
     return "; ".join(changed) or None
 
 

@@ -15,7 +15,8 @@ One PPO step, numbered as main() numbers it in its loop:
                      every sample scored the same has nothing to compare (under torchrun each rank
                      filters the groups it played)
   3. rewards      -- the episode score on its last token (or each turn's reward on that turn's last
-                     token), laid out with the batch of token sequences
+                     token), laid out with the batch of token sequences (STYLE.md lists the rewards
+                     after the log-probs; build_batch lays them out before the forward pass)
   4. old log-probs and values -- the log-probs of the acting policy (recomputed with the training
                      forward pass), the critic's values and, with --kl-coef > 0, the reference policy's
                      log-probs
@@ -746,7 +747,7 @@ def main(argv=None):
         agent.make_run_dir(args.out)
     if os.path.isfile(state_path):  # resuming: the same run or an error, on every rank, before any loading
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
-                                         agent.default_run_config(parse_args, args))
+                                         agent.default_run_config(parse_args, args, PRESETS))
         if changed:
             raise SystemExit(f"error: {args.out} holds a PPO run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")

@@ -20,6 +20,8 @@ Where this departs from the paper's recipe, and why:
   format); it states its planned actions in its thoughts before the prediction, so the
   prediction is a function of what the model has written so far. At paper scale the behaviour
   policy is the model itself and its own thoughts are kept.
+- `--behaviour oracle` lets the optimal policy play instead: not the method, a ceiling on what
+  SFT can copy (README, "Can the tiny model play at all?").
 - Held-out turns are whole puzzles (every 5th puzzle of each self-play batch: 6 of the paper
   preset's 32), not random turns, so no held-out puzzle was seen in training.
 - States in the rewritten responses stand on lines of their own (see agent.replace_states).
@@ -657,7 +659,7 @@ def main(argv=None):
     if any(os.path.isfile(path) for path in (state_path, data_path, os.path.join(args.out, SELFPLAY_STATE))):
         # resuming training or self-play, or reusing the self-play data: only with the same settings
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
-                                         agent.default_run_config(parse_args, args))
+                                         agent.default_run_config(parse_args, args, PRESETS))
         if changed:
             raise SystemExit(f"error: {args.out} holds an SFT run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete the folder to start over")

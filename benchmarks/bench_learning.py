@@ -96,7 +96,7 @@ def run_stage(name, done_path, stage, argv):
     if os.path.exists(done_path):
         args = stage.parse_args(argv)
         changed = agent.settings_changed(args.out, agent.run_config(args), rl.MACHINE_KEYS,
-                                         agent.default_run_config(stage.parse_args, args))
+                                         agent.default_run_config(stage.parse_args, args, stage.PRESETS))
         if changed:
             raise SystemExit(f"error: {name} in {args.out} is not this benchmark's run ({changed}); "
                              f"use another --out")

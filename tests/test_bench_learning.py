@@ -104,7 +104,7 @@ def test_oracle_play_reaches_both_sft_stages_and_nothing_else(tmp_path):
     default = plan(str(tmp_path / "a"))
     oracle = plan(str(tmp_path / "b"), behaviour="oracle")
     for name in ("sft-spa", "sft-vanilla"):
-        assert worldmodel_sft.parse_args(default[name]).behaviour == "random"  # the tiny preset's
+        assert worldmodel_sft.parse_args(default[name]).behaviour == "random"  # the benchmark's default
         assert worldmodel_sft.parse_args(oracle[name]).behaviour == "oracle"
         assert without(oracle[name], "--behaviour", "--out", "--data") == \
             without(default[name], "--behaviour", "--out", "--data")
@@ -141,6 +141,10 @@ def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path):
         json.dump({**agent.run_config(finished), "device": "cpu", "world_size": 1, "parameters": 1}, f)
     done = os.path.join(finished.out, "model")
     bench_learning.run_stage("rl-spa", done, rl, anchored["rl-spa"])  # the same settings: skipped, not run
+    with open(os.path.join(finished.out, "run_config.json"), "w") as f:  # as written before --clip-high existed
+        json.dump({**{k: v for k, v in agent.run_config(finished).items() if k != "clip_high"},
+                   "device": "cpu", "world_size": 1, "parameters": 1}, f)
+    bench_learning.run_stage("rl-spa", done, rl, anchored["rl-spa"])  # at its default then: skipped too
     with pytest.raises(SystemExit, match=r"rl-spa in .* is not this benchmark's run \(kl_coef: 0.1 there, 0.0 now\)"):
         bench_learning.run_stage("rl-spa", done, rl, default["rl-spa"])
 

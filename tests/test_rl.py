@@ -174,7 +174,7 @@ def small_args(**overrides):
 
 
 def forward_and_advantages(model, critic, batch, args, device=torch.device("cpu")):
-    """main's steps 3 and 5 on a batch: old log-probs and values, then GAE and whitened advantages."""
+    """main's steps 4 and 5 on a batch: old log-probs and values, then GAE and whitened advantages."""
     rl.old_policy_forward(model, critic, None, batch, args, device, rl.nullcontext())
     rl.add_advantages(batch, args, device)
 
@@ -325,7 +325,8 @@ def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
 
 def one_turn_episode(tokens, prompt_length, reward, group=0):
     """A real agent.Episode of one valid turn: a response after a prompt of prompt_length tokens,
-    rewarded `reward` (a stand-in of another type would break when batch code reads a new field)."""
+    rewarded `reward` (a stand-in of another type would break when batch code reads a new field;
+    the per-turn record is still the three keys the batch code reads)."""
     n = len(tokens)
     return agent.Episode("frozenlake", seed=0, group=group, sample=0, env=None, tokens=tokens,
                          assistant_mask=[0] * prompt_length + [1] * (n - prompt_length), logprobs=[0.0] * n,
@@ -584,12 +585,18 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
                              "--micro-batch-tokens", "2048", "--grad-checkpointing", "--offload-optimizer"))
     assert rows("moved/b") == rows("a") and again == resumed
     assert json.load(open(tmp_path / "moved" / "b" / "run_config.json"))["actor_lr"] == 1e-3
-    # resumed on another number of ranks: allowed (a machine setting), with a warning that it differs
+    # resumed on another number of ranks: allowed (a machine setting), with a warning that it differs;
+    # and from a run_config.json written before --clip-high existed: it was at its default then
     config_path = tmp_path / "moved" / "b" / "run_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "world_size": 2}))
+    config_path.write_text(json.dumps({**{k: v for k, v in json.loads(config_path.read_text()).items()
+                                          if k != "clip_high"}, "world_size": 2}))
     capsys.readouterr()
     rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--save-every", "1"))
     assert "warning: resuming a run of 2 ranks on 1" in capsys.readouterr().err
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items()
+                                       if k != "clip_high"}))
+    with pytest.raises(SystemExit, match=r"\(clip_high: not recorded \(taken as 0.28\) there, 0.3 now\)"):
+        rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--clip-high", "0.3"))
     # a run can be extended, not shortened: its model would be published under the shorter --steps
     with pytest.raises(SystemExit, match="trained to step 2; --steps 1"):
         rl.main(tiny_run(str(tmp_path / "moved" / "sft"), tmp_path / "moved" / "b", "--steps", "1"))

@@ -133,11 +133,11 @@ def test_heldout_split_is_by_puzzle(tiny):
     assert sorted(seed for seed, (s,) in split_of_seed.items() if s == "heldout") == [104, 109]
 
 
-
 @pytest.mark.parametrize("env_name", ["sokoban", "frozenlake"])
 def test_oracle_self_play_records_the_oracles_turns_with_true_states(tmp_path, tiny, env_name):
-    """--behaviour oracle: every example is the oracle's plan from its turn's state, rewritten with
-    the true states like any self-play turn; on Sokoban (no chance) every episode is solved."""
+    """--behaviour oracle: every example is the oracle's plan from its turn's state ("I will play",
+    the actions) and, on Sokoban (no chance), every episode is solved; rewritten with the true
+    states like any self-play turn (the states asserts hold for any behaviour)."""
     _, tokenizer = tiny
     args = sft.parse_args(["--env", env_name, "--preset", "tiny", "--behaviour", "oracle", "--env-groups", "5",
                            "--group-size", "2", "--batches", "1", "--out", str(tmp_path)])
@@ -487,11 +487,15 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
         sft.main(SMALL + ["--out", str(tmp_path / "b"), "--save-every", "2"])
     monkeypatch.setattr(agent, "append_jsonl", original)
     # the folder renamed before the resume: the fresh tiny model recorded inside it follows; and its
-    # run_config.json lacks two flags, as one written before they existed (a plain default and a
-    # preset's): they were at their defaults then
+    # run_config.json lacks a flag, as one written before the flag existed: it was at its default.
+    # Not so a flag a preset fills in (presets switch new features on): that run is refused
     shutil.move(tmp_path / "b", tmp_path / "renamed")
     recorded = json.load(open(tmp_path / "renamed" / "run_config.json"))
-    del recorded["weight_decay"], recorded["thought_trace"]
+    (tmp_path / "renamed" / "run_config.json").write_text(json.dumps(
+        {k: v for k, v in recorded.items() if k != "thought_trace"}))
+    with pytest.raises(SystemExit, match=r"cannot continue \(thought_trace: None there, True now\)"):
+        sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2"])
+    del recorded["weight_decay"]
     (tmp_path / "renamed" / "run_config.json").write_text(json.dumps(recorded))
     resumed = sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2"])
     rows_b = [json.loads(line) for line in open(tmp_path / "renamed" / "metrics.jsonl")]
@@ -524,7 +528,8 @@ def test_resume_continues_from_the_same_step_with_the_same_data_order(tmp_path, 
     recorded = json.load(open(tmp_path / "renamed" / "run_config.json"))
     del recorded["weight_decay"]
     (tmp_path / "renamed" / "run_config.json").write_text(json.dumps(recorded))
-    with pytest.raises(SystemExit, match=r"cannot continue \(weight_decay: 0.01 there, 0.1 now\)"):
+    with pytest.raises(SystemExit, match=r"cannot continue \(weight_decay: not recorded \(taken as 0.01\) there, "
+                                         r"0.1 now\)"):
         sft.main(SMALL + ["--out", str(tmp_path / "renamed"), "--save-every", "2", "--weight-decay", "0.1"])
     assert json.load(open(tmp_path / "renamed" / "run_config.json"))["lr"] == 1e-3
 
