@@ -265,8 +265,9 @@ def build_critic(model_path, device):
 # Batches. Every per-token quantity is a (b, T) tensor aligned with the token ids: position t holds
 # what concerns token t (its log-prob given tokens < t, the value of the state before it, its
 # reward). Sequences are right-padded; pads and prompt tokens are 0 in every mask. Every tensor in
-# a batch is such a (b, T) tensor (rows_of cuts them all to a micro-batch); a per-sequence
-# quantity stays a list, as "lengths" does.
+# a batch is such a (b, T) tensor (rows_of cuts them all to a micro-batch); lists, such as
+# "lengths", do not reach the micro-batches, so a per-sequence value the update needs is broadcast
+# to (b, T), as the rewards are.
 
 def step_puzzle_seeds(args, step):
     """The env seeds of a step's puzzles: the next env_groups of the training sequence, which is
