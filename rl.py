@@ -12,8 +12,8 @@ One PPO step, numbered as main() numbers it in its loop:
   1. rollout      -- env_groups x group_size multi-turn episodes with the current policy (agent.rollout);
                      each conversation is one token sequence, the assistant tokens are the actions
   2. filter       -- keep the groups (puzzles) whose episodes' training rewards vary most: a group where
-                     every sample scored the same has nothing to compare (under torchrun each rank
-                     filters the groups it played)
+                     every sample scored the same has nothing to compare (under torchrun chosen over
+                     every rank's groups, then dealt out equally to the ranks)
   3. rewards      -- the episode score on its last token (or each turn's reward on that turn's last
                      token), laid out with the batch of token sequences (STYLE.md lists the rewards
                      after the log-probs; build_batch lays them out before the forward pass)
@@ -37,9 +37,10 @@ Every step's randomness is a function of (--seed, step, rank): the puzzles of st
 train_seed_start + s * env_groups + (0 .. env_groups-1) (modulo --train-puzzles when it is set: a
 fixed set of training puzzles, played again and again), the sampler is reseeded each step, and the
 mini-batch order is drawn from the same key. A resumed run therefore continues exactly as an
-uninterrupted one would (on the same number of ranks, which shard and filter the puzzles).
+uninterrupted one would (on the same number of ranks, each of which samples with its own stream).
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -113,7 +114,7 @@ def parse_args(argv=None):
     p("--group-size", type=int, help="episodes per puzzle")
     p("--keep-groups", type=agent.finite_float, default=0.25,
       help="fraction of groups kept, largest std of training rewards (score + world-model bonus) first "
-           "(per rank under torchrun)")
+           "(of the step's groups over all ranks under torchrun)")
     p("--temperature", type=agent.finite_float, default=1.0,
       help="sampling temperature (> 0); the PPO ratio, entropy and KL use the same tempered distribution")
     p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")
@@ -240,6 +241,15 @@ def all_max(values, device):
     return t.tolist()
 
 
+def all_gather_objects(obj):
+    """Every rank's obj (any picklable value), in rank order; [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_grads(model):
     """Sum every gradient over ranks (a parameter this rank did not reach gets a zero gradient,
     so that every rank makes the same calls)."""
@@ -317,16 +327,32 @@ def episode_rewards(ep, worldmodel_reward):
             for r, turn in zip(ep.turn_rewards, ep.turns)]
 
 
-def filter_groups(episodes, keep, worldmodel_reward=0.0):
-    """The episodes of the int(keep * groups) groups (at least 1) with the largest std of the
-    episodes' training rewards; ties keep the earlier group."""
-    groups = {}
+def filter_groups(episodes, keep, worldmodel_reward=0.0, rank=0, world=1):
+    """This rank's share of the episodes of the step's int(keep * groups) groups (at least 1) with
+    the largest std of the episodes' training rewards; ties keep the earlier group.
+
+    Under torchrun the choice is made over every rank's groups, as one process would make it: rank r
+    played the step's puzzles r, r + world, ..., so its group g is the step's group g * world + r.
+    (A choice per rank would keep another fraction and other puzzles: on 8 ranks playing 2 of 16
+    groups each, 0.25 of 2 rounds up to 1 group a rank, half of them.) The kept episodes are then
+    dealt out again in the step's order, rank r taking every world-th, so that every rank updates on
+    an equal share whichever ranks played them."""
+    scores = {}
     for ep in episodes:
-        groups.setdefault(ep.group, []).append(sum(episode_rewards(ep, worldmodel_reward)))
-    std = {g: torch.tensor(scores, dtype=torch.float64).std(unbiased=False).item() for g, scores in groups.items()}
-    count = max(1, math.floor(keep * len(groups) + 1e-9))  # the epsilon: 0.29 * 100 is 28.999999999999996
-    chosen = set(sorted(groups, key=lambda g: (-std[g], g))[:count])
-    return [ep for ep in episodes if ep.group in chosen]
+        scores.setdefault(ep.group * world + rank, []).append(sum(episode_rewards(ep, worldmodel_reward)))
+    std = {}
+    for part in all_gather_objects({g: torch.tensor(s, dtype=torch.float64).std(unbiased=False).item()
+                                    for g, s in scores.items()}):
+        std.update(part)
+    count = max(1, math.floor(keep * len(std) + 1e-9))  # the epsilon: 0.29 * 100 is 28.999999999999996
+    chosen = set(sorted(std, key=lambda g: (-std[g], g))[:count])
+    kept = [ep for ep in episodes if ep.group * world + rank in chosen]
+    if world == 1:
+        return kept
+    # the environments stay behind (nothing after the rollout reads them); group becomes the step's index
+    shared = [dataclasses.replace(ep, env=None, group=ep.group * world + rank) for ep in kept]
+    everyone = sorted((ep for part in all_gather_objects(shared) for ep in part), key=lambda ep: (ep.group, ep.sample))
+    return everyone[rank::world]
 
 
 def build_batch(episodes, tokenizer, args):
@@ -583,10 +609,7 @@ def validate(model, tokenizer, args, rank, world, device, step):
     for ep in episodes:
         successes[ep.group] += ep.success
     turns = [t for ep in episodes for t in ep.turns]
-    if dist.is_initialized():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, successes)
-        successes = [c for part in gathered for c in part]
+    successes = [c for part in all_gather_objects(successes) for c in part]
     counts = all_sum([len(turns), sum(t["format_valid"] for t in turns), sum(ep.score for ep in episodes),
                       len(episodes)], device)
     row = {"step": step, "val/format_valid": counts[1] / max(counts[0], 1), "val/score": counts[2] / max(counts[3], 1)}
@@ -755,8 +778,9 @@ def main(argv=None):
         with open(os.path.join(args.out, "run_config.json")) as f:
             ranks_before = json.load(f).get("world_size", world)
         if is_main and ranks_before != world:
-            print(f"warning: resuming a run of {ranks_before} ranks on {world}: each rank filters its own groups, "
-                  f"so the run continues, but not as it would have on {ranks_before}", file=sys.stderr, flush=True)
+            print(f"warning: resuming a run of {ranks_before} ranks on {world}: each rank samples and shuffles with "
+                  f"its own random stream, so the run continues, but not as it would have on {ranks_before}",
+                  file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
 
     # models: the actor and the critic start from the same checkpoint (fp32 master weights;
@@ -837,10 +861,11 @@ def main(argv=None):
         rollout_s = time.perf_counter() - start
         # 2. filter groups, and 3. rewards on tokens: build_batch lays the kept episodes out
         # as (N, T) tensors, each reward on its token
-        kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward)
+        # (chosen over every rank's groups; a rank left with no episode still joins every collective call)
+        kept = filter_groups(episodes, args.keep_groups, args.worldmodel_reward, rank, world)
         batch, kept = build_batch(kept, tokenizer, args)
-        if all_sum([0.0 if kept else 1.0], device)[0]:  # every rank stops together, none waits on another
-            raise SystemExit("error: a rank kept no episode with an assistant token (does the first prompt plus "
+        if not all_sum([len(kept)], device)[0]:  # every rank stops together, none waits on another
+            raise SystemExit("error: no kept episode has an assistant token (does the first prompt plus "
                              "--max-response-tokens exceed --max-context-tokens?)")
         # 4. old log-probs (the training forward pass, not the sampler's), values, reference log-probs
         mark = time.perf_counter()

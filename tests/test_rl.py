@@ -348,6 +348,55 @@ def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
     assert len({ep.group for ep in rl.filter_groups(hundred, 0.29)}) == 29  # 0.29 * 100 is 28.999999999999996
 
 
+# The group filter under torchrun: each rank plays its share of the step's puzzles (rank r the step's
+# groups r, r + 2, ...), with the scores of test_filter_groups_... but laid out so that the groups
+# with the largest std were all played by rank 0.
+FILTER_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import agent, rl
+rank, world, device = rl.setup_distributed()
+scores = json.loads(sys.argv[2])
+kept = {}
+for keep in (0.25, 0.5):
+    mine = [agent.Episode("frozenlake", seed=g, group=g // world, sample=i, env="an env object", score=s,
+                          turn_rewards=[s], turns=[{"observation": None, "prediction": None, "format_valid": True}])
+            for g, ss in enumerate(scores) if g % world == rank for i, s in enumerate(ss)]
+    kept[keep] = [[ep.seed, ep.group, ep.sample, ep.env] for ep in rl.filter_groups(mine, keep, 0.0, rank, world)]
+json.dump(kept, open(sys.argv[3] + str(rank), "w"))
+rl.dist.barrier()
+rl.dist.destroy_process_group()  # gloo can abort a process that exits with its group alive
+"""
+
+
+def test_the_group_filter_chooses_over_every_ranks_groups_and_deals_the_kept_episodes_out_equally(tmp_path):
+    scores = [[0, 0, 0, 0], [0, 0, 0, 1], [-1, 1, -1, 1], [0.5, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1],
+              [0, 0, 0, 0], [1, 0, 0, 1]]  # std 0, 0.43, 1, 0.22, 0.5, 0, 0, 0.5: groups 2 and 4 first
+    one_process = [one_turn_episode([], 0, s, group=g) for g, ss in enumerate(scores) for s in ss]
+    assert sorted({ep.group for ep in rl.filter_groups(one_process, 0.25)}) == [2, 4]
+    assert sorted({ep.group for ep in rl.filter_groups(one_process, 0.5)}) == [1, 2, 4, 7]
+    script = tmp_path / "filter.py"
+    script.write_text(FILTER_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}", str(script), ROOT, json.dumps(scores), str(tmp_path / "kept")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = [json.load(open(tmp_path / f"kept{rank}")) for rank in (0, 1)]
+    # the groups one process keeps, though rank 0 played both of 0.25's (a choice per rank would
+    # keep one group of each rank's); the episodes dealt out in the step's order, every other one
+    # to each rank, their group now the step's index and their environment left behind
+    assert kept[0]["0.25"] == [[2, 2, 0, None], [2, 2, 2, None], [4, 4, 0, None], [4, 4, 2, None]]
+    assert kept[1]["0.25"] == [[2, 2, 1, None], [2, 2, 3, None], [4, 4, 1, None], [4, 4, 3, None]]
+    for keep, groups in (("0.25", [2, 4]), ("0.5", [1, 2, 4, 7])):
+        both = sorted(tuple(ep) for rank in (0, 1) for ep in kept[rank][keep])
+        assert both == [(g, g, i, None) for g in groups for i in range(4)]
+        assert len(kept[0][keep]) == len(kept[1][keep])
+
+
 def test_step_puzzle_seeds_are_new_every_step_or_cycle_through_the_training_puzzles():
     args = rl.parse_args(["--env", "frozenlake", "--out", "unused", "--env-groups", "3", "--train-seed-start", "100"])
     assert [rl.step_puzzle_seeds(args, step) for step in range(3)] == [[100, 101, 102], [103, 104, 105],
@@ -655,33 +704,41 @@ for i, answer in enumerate(answers):
                                   assistant_mask=[0] * len(prompt) + [1] * len(response), logprobs=[0.0] * n,
                                   turn_ends=[n - 1], turn_rewards=[reward], score=reward,
                                   turns=[{"observation": None, "prediction": None, "format_valid": True}]))
-args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--mini-batch", "8", "--ppo-epochs",
-                      "1", "--grad-clip", "1e9", "--entropy-coef", "0.01", "--micro-batch-tokens", "60"])
-batch, _ = rl.build_batch(episodes[rank::world], tokenizer, args)
+args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--mini-batch", "16",
+                      "--ppo-epochs", "1", "--grad-clip", "1e9", "--entropy-coef", "0.01",
+                      "--micro-batch-tokens", "60"])
+share = episodes[rank::world] if sys.argv[4] == "halves" else (episodes if rank == 0 else [])  # or "lopsided"
+batch, _ = rl.build_batch(share, tokenizer, args)
 rl.old_policy_forward(model, critic, None, batch, args, device, rl.nullcontext())
 rl.add_advantages(batch, args, device)  # whitened over the tokens of every rank
 opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, critic)]
 rl.update(model, critic, *opts, batch, args, world, device, rl.nullcontext(), 0)
 if rank == 0:
     torch.save({"actor": model.state_dict(), "critic": critic.state_dict()}, out)
+if world > 1:
+    rl.dist.barrier()
+    rl.dist.destroy_process_group()  # gloo can abort a process that exits with its group alive
 """
 
 
-def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(tiny_dir, tmp_path):
+@pytest.mark.parametrize("split", ["halves", "lopsided"])
+def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(tiny_dir, tmp_path, split):
     """Gradients summed over ranks, losses divided by the token counts of all ranks: two ranks on
     halves of a batch take exactly the step one process takes on all of it (a rank that averaged
-    its gradients over ranks, or normalised by its own tokens, would take another)."""
+    its gradients over ranks, or normalised by its own tokens, would take another). A rank with no
+    sequence at all (lopsided: rank 0 holds the whole batch) joins every collective call with
+    nothing, and the step is still the same."""
     script = tmp_path / "update.py"
     script.write_text(UPDATE_SCRIPT)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), ROOT, tiny_dir, str(tmp_path / "one.pt")], cwd=ROOT,
+    one = subprocess.run([sys.executable, str(script), ROOT, tiny_dir, str(tmp_path / "one.pt"), split], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          str(script), ROOT, tiny_dir, str(tmp_path / "two.pt")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=env)
+                          str(script), ROOT, tiny_dir, str(tmp_path / "two.pt"), split], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     start, _ = agent.load_model(tiny_dir, device="cpu")
