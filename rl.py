@@ -336,7 +336,12 @@ def filter_groups(episodes, keep, worldmodel_reward=0.0, rank=0, world=1):
     (A choice per rank would keep another fraction and other puzzles: on 8 ranks playing 2 of 16
     groups each, 0.25 of 2 rounds up to 1 group a rank, half of them.) The kept episodes are then
     dealt out again in the step's order, rank r taking every world-th, so that every rank updates on
-    an equal share whichever ranks played them."""
+    an equal share whichever ranks played them.
+
+    The filter is not neutral: a group's std is largest where the policy succeeds about half the
+    time, so it keeps the puzzles the policy's current preferences solve, and their update
+    strengthens those preferences. Where the policy cannot yet tell its puzzles apart, that pulls
+    it onto one action whatever the puzzle (README: one-move maps); --keep-groups 1 turns it off."""
     scores = {}
     for ep in episodes:
         scores.setdefault(ep.group * world + rank, []).append(sum(episode_rewards(ep, worldmodel_reward)))
