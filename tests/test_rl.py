@@ -348,6 +348,13 @@ def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
     assert len({ep.group for ep in rl.filter_groups(hundred, 0.29)}) == 29  # 0.29 * 100 is 28.999999999999996
 
 
+def free_port():
+    """A free local port for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # The group filter under torchrun: each rank plays its share of the step's puzzles (rank r the step's
 # groups r, r + 2, ...), with the scores of test_filter_groups_... but laid out so that the groups
 # with the largest std were all played by rank 0.
@@ -377,9 +384,7 @@ def test_the_group_filter_chooses_over_every_ranks_groups_and_deals_the_kept_epi
     assert sorted({ep.group for ep in rl.filter_groups(one_process, 0.5)}) == [1, 2, 4, 7]
     script = tmp_path / "filter.py"
     script.write_text(FILTER_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              f"--master_port={port}", str(script), ROOT, json.dumps(scores), str(tmp_path / "kept")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -660,9 +665,7 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
 
 
 def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                os.path.join(ROOT, "rl.py"), *tiny_run(tiny_dir, tmp_path / "ddp")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -730,9 +733,7 @@ def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(ti
     nothing, and the step is still the same."""
     script = tmp_path / "update.py"
     script.write_text(UPDATE_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script), ROOT, tiny_dir, str(tmp_path / "one.pt"), split], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
