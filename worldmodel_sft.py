@@ -22,6 +22,9 @@ Where this departs from the paper's recipe, and why:
   policy is the model itself and its own thoughts are kept.
 - `--behaviour oracle` lets the optimal policy play instead: not the method, a ceiling on what
   SFT can copy (README, "Can the tiny model play at all?").
+- `--episodes successful` trains on the turns of the episodes that succeeded only: with
+  `--behaviour model` and a finetuned `--model`, one round of rejection-sampling finetuning on the
+  model's own wins (expert iteration) -- not the method, a comparison for it (README).
 - Held-out turns are whole puzzles (every 5th puzzle of each self-play batch: 6 of the paper
   preset's 32), not random turns, so no held-out puzzle was seen in training.
 - States in the rewritten responses stand on lines of their own (see agent.replace_states).
@@ -70,6 +73,7 @@ LOSS_SPANS = ("all", "states", "no-states")
 HELDOUT_EVERY = 5  # every 5th puzzle of a self-play batch is held out: SPEC §4's 20%
 STATE_TARGETS = ("true", "shuffled")
 BEHAVIOURS = ("model", "random", "oracle")
+EPISODES = ("all", "successful")
 
 
 def parse_args(argv=None):
@@ -93,6 +97,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-response-tokens", type=int, help="token budget per turn")
     parser.add_argument("--train-seed-start", type=int, default=10_000,
                         help="first puzzle seed (far from the validation seeds)")
+    parser.add_argument("--episodes", default="all", choices=EPISODES,
+                        help="the episodes whose turns train the model: all, or only those that succeeded "
+                             "(with --behaviour model, one round of rejection-sampling finetuning on the "
+                             "model's own successes: README); held-out turns are all kept, they measure the "
+                             "world model")
     parser.add_argument("--thought-trace", action=argparse.BooleanOptionalAction,
                         help="end each rewritten turn's thoughts with where the player (and a pushed box) went "
                              "after each action, e.g. 'Right to (2,2).' (see agent.trace_sentence; self-play "
@@ -169,7 +178,8 @@ def examples_from_episodes(episodes, thought_trace=False):
     model learns from conversations whose states are all true); the target is the response with
     <observation> = the true state before the turn (coordinates rendering) and <prediction> = the
     true state after the actions it ran (grid rendering); with thought_trace, the thoughts end
-    with the trace of the pieces' moves (agent.trace_sentence; the example's "trace"). Turns that
+    with the trace of the pieces' moves (agent.trace_sentence; the example's "trace"). Each example
+    records whether its episode succeeded ("episode_success": --episodes successful). Turns that
     break the format are dropped but stay in later prompts as they were written. Every
     HELDOUT_EVERY-th puzzle of the rollout is held out (split "heldout"), the rest are "train".
     """
@@ -189,7 +199,7 @@ def examples_from_episodes(episodes, thought_trace=False):
                     "messages": [dict(m) for m in messages], "response": target,
                     "observation": turn["coords_before"], "prediction": turn["state_after"], "trace": trace,
                     "actions": turn["actions"], "executed": turn["executed"], "history": [list(h) for h in history],
-                    "env_overrides": ep.env_overrides,
+                    "env_overrides": ep.env_overrides, "episode_success": ep.success,
                 })
                 assistant = agent.THINK_START + target
             else:
@@ -339,6 +349,8 @@ def read_dataset(path):
                 wrong.append("history")
             if not isinstance(example.get("env_overrides", {}), dict):
                 wrong.append("env_overrides")
+            if not isinstance(example.get("episode_success", False), bool):
+                wrong.append("episode_success")
             if wrong:
                 raise SystemExit(f"error: {path}:{number}: {', '.join(wrong)} of the wrong type; "
                                  f"not a dataset written by this script")
@@ -587,6 +599,21 @@ def split_examples(examples, path):
     return train, heldout
 
 
+def successful_turns(train, path):
+    """The training turns of the episodes that succeeded (--episodes successful). A dataset written
+    before examples recorded their episode's outcome cannot say which those are: an error, not a guess."""
+    if unknown := sum("episode_success" not in ex for ex in train):
+        raise SystemExit(f"error: {path}: {unknown} training turns do not record whether their episode succeeded "
+                         f"(a dataset written before --episodes existed); play it again for --episodes successful")
+    kept = [ex for ex in train if ex["episode_success"]]
+    print(f"--episodes successful: {len(kept)} of {len(train)} training turns, from "
+          f"{len({(ex['seed'], ex['sample']) for ex in kept})} episodes", flush=True)
+    if not kept:
+        raise SystemExit(f"error: {path}: no training turn comes from an episode that succeeded; nothing for "
+                         f"--episodes successful to learn from")
+    return kept
+
+
 @torch.no_grad()
 def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_size=64):
     """Greedy responses on held-out turns, scored against the truth. Per turn:
@@ -678,6 +705,8 @@ def main(argv=None):
             raise SystemExit(f"error: {dataset} holds {', '.join(foreign)} turns, not {args.env}; "
                              f"pass the --env it was made for")
         train, heldout = split_examples(examples, dataset)
+        if args.episodes == "successful":
+            train = successful_turns(train, dataset)
 
     # 2. the model to finetune (fp32 master weights; bf16 autocast on GPU), and self-play if there is no data
     model_path = config["model"]
@@ -691,6 +720,8 @@ def main(argv=None):
         examples = self_play(args, model, tokenizer, device, data_path)
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
         train, heldout = split_examples(examples, data_path)
+        if args.episodes == "successful":
+            train = successful_turns(train, data_path)
     if args.state_targets == "shuffled":  # held-out turns keep the truth: they measure the world model
         train = shuffled_states(train, random.Random(f"{args.seed}-states"))
 

@@ -683,6 +683,42 @@ def test_a_bad_dataset_row_is_found_before_training(tmp_path, tiny, monkeypatch)
         sft.main(SMALL + ["--data", str(path), "--out", str(tmp_path / "utf")])
 
 
+def test_successful_episodes_alone_train_when_asked_and_a_dataset_must_say_which_they_are(tmp_path, tiny,
+                                                                                            monkeypatch, capsys):
+    """--episodes successful: every example records its episode's outcome, and training takes the
+    training turns of the successful episodes -- all of them, and nothing else -- while the held-out
+    turns stay whole. A dataset that cannot say which episodes succeeded is refused before the model loads."""
+    _, tokenizer = tiny
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(0), "worldmodel"), tokenizer, "frozenlake",
+                             list(range(100, 110)), 4, instruction="short", env_overrides={"slippery": False})
+    outcome = {(ep.seed, ep.sample): ep.success for ep in episodes}
+    examples = sft.examples_from_episodes(episodes)
+    assert all(ex["episode_success"] is outcome[(ex["seed"], ex["sample"])] for ex in examples)
+    won_train = [ex for ex in examples if ex["split"] == "train" and ex["episode_success"]]
+    assert won_train and len(won_train) < sum(ex["split"] == "train" for ex in examples)  # both kinds in the data
+    path = tmp_path / "data.jsonl"
+    agent.write_jsonl(str(path), examples)
+    trained, original = [], sft.conversations
+    monkeypatch.setattr(sft, "conversations", lambda turns: trained.extend(turns) or original(turns))
+    summary = sft.main(SMALL + ["--data", str(path), "--episodes", "successful", "--epochs", "1",
+                                "--out", str(tmp_path / "won")])
+    key = lambda ex: (ex["seed"], ex["sample"], ex["turn"])  # noqa: E731
+    assert sorted(map(key, trained)) == sorted(map(key, won_train))
+    assert summary["heldout_turns"] == min(4, sum(ex["split"] == "heldout" for ex in examples))
+    won_episodes = len({(ex["seed"], ex["sample"]) for ex in won_train})
+    assert f"training turns, from {won_episodes} episodes" in capsys.readouterr().out
+    monkeypatch.setattr(agent, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    for change, message in ((lambda ex: ex.pop("episode_success"), "do not record whether their episode succeeded"),
+                            (lambda ex: ex.update(episode_success=False), "no training turn comes from an episode"),
+                            (lambda ex: ex.update(episode_success="yes"), "episode_success of the wrong type")):
+        rows = [dict(ex) for ex in examples]
+        for row in rows:
+            change(row)
+        agent.write_jsonl(str(path), rows)
+        with pytest.raises(SystemExit, match=message):
+            sft.main(SMALL + ["--data", str(path), "--episodes", "successful", "--out", str(tmp_path / "bad")])
+
+
 def test_cli_help_and_a_small_run(tmp_path):
     help_text = subprocess.run([sys.executable, "worldmodel_sft.py", "--help"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
