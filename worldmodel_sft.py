@@ -582,8 +582,9 @@ def env_at_turn(example):
                          f"replay to its recorded state; was it made with other env settings?")
     return env
 
-def split_examples(examples, path):
-    """(training turns, held-out turns) of a dataset read from path. Refuses one without either, and
+def split_examples(examples, path, episodes="all"):
+    """(training turns, held-out turns) of a dataset read from path; with episodes "successful" (the
+    flag), only the training turns of the episodes that succeeded. Refuses one without either, and
     replays every held-out turn: the evaluation after training does, and a bad one fails now, not then."""
     train = [ex for ex in examples if ex["split"] == "train"]
     heldout = [ex for ex in examples if ex["split"] == "heldout"]
@@ -596,7 +597,7 @@ def split_examples(examples, path):
         except (TypeError, ValueError, RuntimeError) as e:
             raise SystemExit(f"error: {path}: held-out turn {example['env']}/{example['seed']}/"
                              f"turn {example['turn']} does not replay: {e}") from None
-    return train, heldout
+    return (successful_turns(train, path) if episodes == "successful" else train), heldout
 
 
 def successful_turns(train, path):
@@ -704,9 +705,7 @@ def main(argv=None):
         if foreign := sorted({ex["env"] for ex in examples} - {args.env}):
             raise SystemExit(f"error: {dataset} holds {', '.join(foreign)} turns, not {args.env}; "
                              f"pass the --env it was made for")
-        train, heldout = split_examples(examples, dataset)
-        if args.episodes == "successful":
-            train = successful_turns(train, dataset)
+        train, heldout = split_examples(examples, dataset, args.episodes)
 
     # 2. the model to finetune (fp32 master weights; bf16 autocast on GPU), and self-play if there is no data
     model_path = config["model"]
@@ -719,9 +718,7 @@ def main(argv=None):
     if dataset is None:
         examples = self_play(args, model, tokenizer, device, data_path)
         print(f"self-play: {len(examples)} turns kept, written to {data_path}", flush=True)
-        train, heldout = split_examples(examples, data_path)
-        if args.episodes == "successful":
-            train = successful_turns(train, data_path)
+        train, heldout = split_examples(examples, data_path, args.episodes)
     if args.state_targets == "shuffled":  # held-out turns keep the truth: they measure the world model
         train = shuffled_states(train, random.Random(f"{args.seed}-states"))
 
