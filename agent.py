@@ -306,6 +306,10 @@ def load_tokenizer(name_or_path):
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"the tokenizer of {name_or_path!r} has no chat template; SPA's prompts "
                              f"are chats (use an instruct model or a checkpoint saved by this project)")
+    try:  # checked now, not at the first rollout: every stage builds its prompts from these pieces
+        _template_pieces(tokenizer)
+    except Exception as e:  # ValueError (what the pieces need), or the template's own error (Jinja)
+        raise ModelLoadError(f"the chat template of {name_or_path!r} cannot be used: {e}") from e
     return tokenizer
 
 
@@ -845,10 +849,12 @@ class Episode:
 def _template_pieces(tokenizer):
     """The text the chat template puts around messages, found by rendering placeholders:
     (opening of the first prompt before the user content, the text after an assistant message's
-    content up to the next user content, the text after user content up to the generation)."""
-    cache = getattr(tokenizer, "_spa_template_pieces", None)
-    if cache is not None:
-        return cache
+    content up to the next user content, the text after user content up to the generation). A
+    template that breaks what incremental prompts rely on is a ValueError: contents rendered
+    verbatim, user turns rendered alike, an assistant message ended by a special token."""
+    cache = getattr(tokenizer, "_spa_template_pieces", None)  # (the template they came from, pieces)
+    if cache is not None and cache[0] == tokenizer.chat_template:
+        return cache[1]
     user, reply, user2 = "\x00U1\x00", "\x00A1\x00", "\x00U2\x00"
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
@@ -862,8 +868,12 @@ def _template_pieces(tokenizer):
     after_reply, after_user2 = rest.split(user2)
     if after_user != after_user2:
         raise ValueError("the chat template renders user turns inconsistently; cannot build prompts incrementally")
+    if not any(after_reply.startswith(token) for token in tokenizer.get_added_vocab()):
+        raise ValueError("the chat template must end an assistant message with a special token (ChatML's "
+                         "<|im_end|>): after plain text a response's last token could merge with it, and the "
+                         "tokens SFT trains on would not be those the rollout samples (see encode_chat)")
     pieces = (head, after_reply, after_user + THINK_START)
-    tokenizer._spa_template_pieces = pieces
+    tokenizer._spa_template_pieces = (tokenizer.chat_template, pieces)
     return pieces
 
 
@@ -878,7 +888,8 @@ def encode_chat(tokenizer, text):
     the prompt's last '>' with the response's first '<' into '><', a token the sampler never
     writes after that prompt -- training on it would teach a start the model never makes (and so
     does '>' with a response's first newline or punctuation). The other end of a response needs no
-    cut: the template closes it with <|im_end|>, a special token, which no BPE merge crosses. A
+    cut: the template closes it with a special token (<|im_end|>; _template_pieces refuses a template
+    that does not), which no BPE merge crosses. A
     response that itself held the text the template puts before a response would be cut there
     too; a sampled one cannot (it stops at <|im_end|>)."""
     _, _, response_starts = _template_pieces(tokenizer)  # "...assistant\n<think>": a response follows

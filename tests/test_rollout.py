@@ -415,3 +415,27 @@ def test_a_response_that_stops_on_another_end_token_is_still_closed_by_the_templ
     assert ep.tokens[first_end] == end_of_text and ep.tokens[first_end + 1] == im_end
     assert ep.assistant_mask[first_end] == 1 and ep.assistant_mask[first_end + 1] == 0
     assert "<|endoftext|><|im_end|>\n<|im_start|>user" in tokenizer.decode(ep.tokens)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.replace("message['content']", "message['content'] + message['content']"), "verbatim"),
+    (lambda t: t.replace("message['content'] + '<|im_end|>'",
+                         "message['content'] + (' END' if message['role'] == 'assistant' else '<|im_end|>')"),
+     "must end an assistant message with a special token"),
+])
+def test_a_chat_template_incremental_prompts_cannot_follow_is_refused(tmp_path, tiny_dir, change, message):
+    """The rollout builds prompts piece by piece from the template, and SFT cuts responses where the
+    rollout does: a template that renders contents other than verbatim, or ends an assistant message
+    with plain text a response's last token could merge with, is an error, not silently other tokens
+    -- when the tokenizer loads (every stage stops with one line), and in the rollout itself."""
+    tokenizer = agent.load_tokenizer(tiny_dir)
+    assert agent.encode_chat(tokenizer, "x")[0]  # the project's own template passes
+    tokenizer.chat_template = change(agent.CHAT_TEMPLATE)  # the pieces cached on it are the old template's
+    assert tokenizer.chat_template != agent.CHAT_TEMPLATE
+    with pytest.raises(ValueError, match=message):
+        agent.encode_chat(tokenizer, "x")
+    with pytest.raises(ValueError, match=message):
+        agent.rollout(scripted(tokenizer, ["Up"]), tokenizer, "frozenlake", [0], 1)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(agent.ModelLoadError, match=f"chat template of .* cannot be used: .*{message}"):
+        agent.load_tokenizer(str(tmp_path))
