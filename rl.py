@@ -1,7 +1,8 @@
 """
 Stage 2 of SPA: multi-turn PPO with GAE on one GPU (SPEC §5), written by hand.
 
-    python rl.py --env frozenlake --preset tiny --model runs/sft-frozenlake/model --out runs/rl-frozenlake  # CPU
+    torchrun rl.py --env frozenlake                # vanilla PPO from Qwen2.5-1.5B-Instruct, one GPU, runs/rl-frozenlake
+    python rl.py --env frozenlake --preset tiny --model runs/sft-frozenlake/model     # CPU: SPA at the tiny preset
     python rl.py --env sokoban --model runs/sft-sokoban/model --out runs/spa-sokoban    # SPA: PPO after SFT, one GPU
     python rl.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --out runs/ppo-sokoban   # vanilla PPO
     python rl.py --env sokoban --model Qwen/Qwen2.5-1.5B-Instruct --mode worldmodel --worldmodel-reward 0.1 \\
@@ -29,9 +30,9 @@ One PPO step, numbered as main() numbers it in its loop:
   7. log          -- the step's metrics line (and validation every --val-every steps)
   8. checkpoint   -- a resumable save every --save-every steps
 
-The run folder gets run_config.json, metrics.jsonl (one line per step, plus validation lines),
-train_state.pt (resume: run the same command again) and model/ (the final actor as a Hugging Face
-checkpoint, the input of evaluate.py). The last line printed is JSON.
+The run folder (--out, default runs/rl-ENV) gets run_config.json, metrics.jsonl (one line per step,
+plus validation lines), train_state.pt (resume: run the same command again) and model/ (the final
+actor as a Hugging Face checkpoint, the input of evaluate.py). The last line printed is JSON.
 
 Every step's randomness is a function of (--seed, step, rank): the puzzles of step s are
 train_seed_start + s * env_groups + (0 .. env_groups-1) (modulo --train-puzzles when it is set: a
@@ -99,7 +100,7 @@ def parse_args(argv=None):
     p("--env", required=True, choices=envs.ENVS, help="environment")
     p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
     p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA); unset: a fresh tiny model")
-    p("--out", required=True, help="run folder (created; an existing run there is resumed)")
+    p("--out", help="run folder (created; an existing run there is resumed; default: runs/rl-ENV)")
     p("--seed", type=int, default=0,
       help="seed of rollouts, validation and the mini-batch order (the value head starts at 0)")
     p("--env-overrides", type=agent.json_object, default={},
@@ -167,6 +168,7 @@ def parse_args(argv=None):
     p("--val-seed-start", type=int, default=123, help="first validation puzzle seed (as evaluate.py)")
     p("--save-every", type=int, default=10, help="steps between resumable saves")
     args = agent.help_with_defaults(parser, PRESETS).parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"rl-{args.env}")  # `torchrun rl.py --env frozenlake` runs as is
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

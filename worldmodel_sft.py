@@ -5,15 +5,15 @@ The model plays the environment; each of its turns is rewritten so that <observa
 true current state (grid + coordinates) and <prediction> the true state after the turn's
 actions (grid); the model is then finetuned on those turns with cross entropy on the response.
 
-    python worldmodel_sft.py --env frozenlake --preset tiny --out runs/sft-frozenlake    # CPU, minutes
+    python worldmodel_sft.py --env frozenlake --preset tiny      # CPU, minutes; run folder runs/sft-frozenlake
     python worldmodel_sft.py --env sokoban --out runs/sft-sokoban             # Qwen2.5-1.5B-Instruct, one GPU
     python worldmodel_sft.py --env sokoban --data runs/sft-sokoban/dataset.jsonl --loss-spans no-states \\
         --out runs/ablation
 
-The run folder gets dataset.jsonl (every example, inspectable; not with --data), metrics.jsonl, run_config.json,
-train_state.pt (resume: run the same command again), model/ (the final Hugging Face checkpoint,
-the input of rl.py) and eval.json (world-model accuracy on held-out turns), whose numbers are also
-the last line printed.
+The run folder (--out, default runs/sft-ENV) gets dataset.jsonl (every example, inspectable; not
+with --data), metrics.jsonl, run_config.json, train_state.pt (resume: run the same command again),
+model/ (the final Hugging Face checkpoint, the input of rl.py) and eval.json (world-model accuracy on
+held-out turns), whose numbers are also the last line printed.
 
 Where this departs from the paper's recipe, and why:
 - The tiny preset plays with a random-action behaviour policy (a fresh model cannot write the
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--env", required=True, choices=envs.ENVS, help="environment")
     parser.add_argument("--preset", default="paper", choices=PRESETS, help="defaults for the flags below")
     parser.add_argument("--model", help="HF id or folder to finetune; unset: a fresh tiny model")
-    parser.add_argument("--out", required=True, help="run folder (created; an existing run there is resumed)")
+    parser.add_argument("--out", help="run folder (created; an existing run there is resumed; default: runs/sft-ENV)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and the tiny model")
     parser.add_argument("--env-overrides", type=agent.json_object, default={},
                         help='JSON of envs.make overrides for self-play, e.g. \'{"slippery": false}\'')
@@ -139,6 +139,7 @@ def parse_args(argv=None):
                         help="held-out turns (a fixed random sample) for the loss and teacher-forced accuracy "
                              "after each epoch")
     args = agent.help_with_defaults(parser, PRESETS).parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"sft-{args.env}")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.env] if isinstance(value, dict) else value)

@@ -593,8 +593,9 @@ def test_the_critic_is_trained_on_the_states_that_the_policy_loss_leaves_out(tin
 # The script: resume, data parallelism, bad input
 
 def tiny_run(tiny_dir, out, *extra):
-    return ["--env", "frozenlake", "--preset", "tiny", "--model", tiny_dir, "--out", str(out), "--steps", "2",
-            "--env-groups", "4", "--group-size", "4", "--keep-groups", "0.5", "--mini-batch", "4",
+    """A two-step tiny run's flags; out None: no --out (the run folder's default)."""
+    return ["--env", "frozenlake", "--preset", "tiny", "--model", tiny_dir, *(["--out", str(out)] if out else []),
+            "--steps", "2", "--env-groups", "4", "--group-size", "4", "--keep-groups", "0.5", "--mini-batch", "4",
             "--val-puzzles", "2", "--val-samples", "2", "--val-every", "0", "--max-response-tokens", "24",
             "--actor-lr", "1e-3", "--critic-lr", "1e-3", *extra]
 
@@ -666,24 +667,26 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
 
 def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
     port = free_port()
+    # as the README runs it, `torchrun rl.py --env frozenlake ...` with no --out: the run folder is runs/rl-ENV
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               os.path.join(ROOT, "rl.py"), *tiny_run(tiny_dir, tmp_path / "ddp")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+               os.path.join(ROOT, "rl.py"), *tiny_run(tiny_dir, None)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ranks_in_sync"] is True and summary["step"] == 2
-    rows = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert os.path.samefile(summary["checkpoint"], tmp_path / "runs" / "rl-frozenlake" / "model")
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "rl-frozenlake" / "metrics.jsonl")]
     train = [r for r in rows if "train/reward" in r]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["train/kept_episodes"] == 8 for r in train)  # 2 of 4 groups x 4 samples, over both ranks
     # the finished run started again: every rank resumes at step 2 and, as rank 0 has its last
     # validation, none validates again (validation is collective: ranks that disagreed would hang)
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["ranks_in_sync"] is True
-    assert [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")] == rows
+    assert [json.loads(line) for line in open(tmp_path / "runs" / "rl-frozenlake" / "metrics.jsonl")] == rows
 
 
 # One update on a fixed batch, by one process on all of it or by each torchrun rank on its share.

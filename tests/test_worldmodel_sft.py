@@ -725,13 +725,15 @@ def test_cli_help_and_a_small_run(tmp_path):
     assert "--loss-spans" in help_text and "--preset" in help_text
     # defaults that depend on --env are shown per env
     assert "(paper: 0.0001; tiny: frozenlake 0.001, sokoban 0.001, sudoku 0.002)" in " ".join(help_text.split())
-    out = subprocess.run([sys.executable, "worldmodel_sft.py", *SMALL, "--epochs", "1", "--out", str(tmp_path / "run")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    # no --out: the run folder is runs/sft-ENV below the working folder
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "worldmodel_sft.py"), *SMALL, "--epochs", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("observation_exact", "prediction_exact", "prediction_bayes", "format_valid"):
         assert 0.0 <= summary[key] <= 1.0
+    run = tmp_path / "runs" / "sft-frozenlake"
     for name in ("dataset.jsonl", "metrics.jsonl", "run_config.json", "eval.json", "train_state.pt"):
-        assert (tmp_path / "run" / name).is_file(), name
-    model, tokenizer = agent.load_model(str(tmp_path / "run" / "model"))
-    assert json.loads((tmp_path / "run" / "model" / "run_config.json").read_text())["env"] == "frozenlake"
+        assert (run / name).is_file(), name
+    model, tokenizer = agent.load_model(str(run / "model"))
+    assert json.loads((run / "model" / "run_config.json").read_text())["env"] == "frozenlake"
