@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -589,13 +590,22 @@ def ensure_tiny_model(out_dir, seed=0):
 # token per row per step (the "decode").
 #
 # Batching prompts of different lengths: prompts are LEFT-padded, so every row's next token is in
-# the last column. Two things keep pads from leaking into real tokens:
-#  - attention_mask (B, T): 1 for real tokens, 0 for pads; it covers cached and new columns and
-#    grows by one column per step. The model turns it into the causal 4-D mask itself.
+# the same column of the cache. Two things keep pads from leaking into real tokens:
+#  - the attention mask: True for the cache columns a row may attend to (its real tokens), False
+#    for its pads. The prefill passes a 2-D (B, T) mask, from which the model builds the causal
+#    4-D one itself; the decode keeps its own (B, 1, 1, C) mask over the whole cache and marks
+#    each new column as it is written.
 #  - position_ids: a row's first real token has position 0, whatever its padding, so rotary
 #    embeddings see the same positions as for an unpadded prompt: cumsum(mask) - 1 at prefill,
 #    then each row's last position + 1 per step. (transformers 5.x derives nothing from
 #    cache_position any more, so positions are always passed explicitly.)
+#
+# A decode step changes no shape and reads nothing from the host: the token it feeds, each row's
+# position, the mask and the cache column it writes live in device tensors that the step updates
+# in place. On a GPU it is then recorded once as a CUDA graph and replayed, one launch for the
+# whole forward pass instead of hundreds of small kernels launched from Python -- at paper scale
+# that launch overhead, not the GPU, would set the pace (SPEC §10). On CPU it runs as it is,
+# reading only the cache columns filled so far.
 #
 # Rows stop independently (on <|im_end|> / EOS or their token budget). A finished row is dropped
 # from the batch -- its cache rows included -- once a quarter of the batch has finished, so that
@@ -605,14 +615,15 @@ class _PreallocatedLayer(CacheLayerMixin):
     """One attention layer's keys and values, in buffers sized for the whole generation.
 
     transformers' DynamicCache concatenates every step (copying the whole cache each time: quadratic
-    in the length); here a step writes its one new column in place and returns views of the filled
-    part. The model's forward calls update(); the mask builder calls get_mask_sizes().
+    in the length); here a step writes its one new column in place. The model's forward calls
+    update(). Prefill appends at `length`; decode (with a `cursor`: the column to write, as a
+    device tensor, and how many columns attention reads) writes where the cursor says.
     """
     is_sliding, supports_early_init = False, False
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, cursor=None):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.cursor = capacity, 0, cursor
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
@@ -624,6 +635,10 @@ class _PreallocatedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):  # (B, H_kv, n, D) each
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.cursor is not None:  # decode: one column, at a position held on the device
+            self.key_buffer.index_copy_(2, self.cursor.write_at, key_states)
+            self.value_buffer.index_copy_(2, self.cursor.write_at, value_states)
+            return self.key_buffer[:, :, :self.cursor.visible], self.value_buffer[:, :, :self.cursor.visible]
         n = key_states.shape[-2]
         if self.length + n > self.capacity:
             raise RuntimeError(f"KV cache overflow: {self.length} + {n} > {self.capacity}")
@@ -644,13 +659,11 @@ class _PreallocatedLayer(CacheLayerMixin):
         self.key_buffer[index, :, width - keys.shape[-2]:width] = keys
         self.value_buffer[index, :, width - values.shape[-2]:width] = values
         self.length = width
-        self.keys = self.key_buffer[:, :, :width]
-        self.values = self.value_buffer[:, :, :width]
 
     def get_seq_length(self):
         return self.length
 
-    def get_mask_sizes(self, query_length):  # (kv_length, kv_offset) for the mask builder
+    def get_mask_sizes(self, query_length):  # (kv_length, kv_offset) for the mask builder (prefill)
         return self.length + query_length, 0
 
     def get_max_length(self):
@@ -660,13 +673,11 @@ class _PreallocatedLayer(CacheLayerMixin):
         if self.is_initialized:
             self.key_buffer = self.key_buffer[indices]
             self.value_buffer = self.value_buffer[indices]
-            self.keys = self.key_buffer[:, :, :self.length]
-            self.values = self.value_buffer[:, :, :self.length]
 
 
-def _make_cache(model, capacity):
+def _make_cache(model, capacity, cursor=None):
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(n_layers)])
+    return Cache(layers=[_PreallocatedLayer(capacity, cursor) for _ in range(n_layers)])
 
 
 def _cache_kwarg(model):
@@ -727,9 +738,37 @@ def micro_batches(batch, lengths, max_tokens):
     return pieces + ([piece] if piece else [])
 
 
+GRAPH_CAPTURE_FAILURES = set()  # why CUDA graph capture failed in this process, each reason warned about once
+
+
+def capture_graph(warm_up, step, device):
+    """Run warm_up() (the current decode step, eagerly) on a side stream, then record step() there
+    as a CUDA graph; returns its replay -- the recorded kernels, run again on the same tensors --
+    or None when step() cannot be recorded (the caller then decodes eagerly). Recording does not
+    run the step. The warm-up is what CUDA graphs need first: lazy library set-up (cuBLAS
+    workspaces, say) cannot be recorded."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        warm_up()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                step()
+        except Exception as e:  # an operation that cannot be recorded (a host sync, say)
+            graph = None
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if reason not in GRAPH_CAPTURE_FAILURES:
+                GRAPH_CAPTURE_FAILURES.add(reason)
+                warnings.warn(f"agent.sample: CUDA graph capture failed, decoding eagerly ({reason})",
+                              RuntimeWarning)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph.replay if graph is not None else None
+
+
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, top_k=0,
-           generator=None, on_forward=None):
+           generator=None, on_forward=None, cuda_graph=None):
     """Generate a continuation of every prompt in one batch.
 
     prompts: list of token-id lists (any lengths). max_new_tokens: an int or one per prompt.
@@ -741,6 +780,8 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     (temperature 1 when greedy). PPO recomputes these with its training forward pass; the
     sampler's are a check on that (rl.py's actor/sampler_logprob_gap).
     on_forward: optional callback(seconds) per forward pass (used by benchmarks).
+    cuda_graph: replay the decode step as a CUDA graph (default: on a CUDA device; False: never).
+    The model must use SDPA attention (load_model's): the decode passes it a boolean 4-D mask.
     """
     device = next(model.parameters()).device
     n = len(prompts)
@@ -751,36 +792,56 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         raise ValueError("every prompt needs at least one token")
     if len(budgets) != n or min(budgets) < 1:
         raise ValueError("max_new_tokens must be >= 1: one value, or one per prompt")
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        raise ValueError(f"agent.sample needs a model with SDPA attention, not "
+                         f"{model.config._attn_implementation!r} (load it with agent.load_model)")
     cache_kwarg = _cache_kwarg(model)
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
 
     def forward(ids, mask, positions, cache):
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()  # (b, V)
+
+    def run(forward_pass):  # forward_pass(), its time reported to on_forward if there is one
         start = time.perf_counter() if on_forward else None
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()  # (b, V)
+        forward_pass()
         if on_forward:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             on_forward(time.perf_counter() - start)
-        return logits
 
     # Prefill, in groups of similar length; each group's keys and values are copied into the
-    # batch's cache, right-aligned like the batch's left padding.
+    # batch's cache, right-aligned like the batch's left padding. The capacity is rounded up to
+    # a multiple of 16 columns: the alignment GPU attention kernels want of a mask's rows.
     width = max(len(p) for p in prompts)
-    cache = _make_cache(model, width + max(budgets))
-    logits = [None] * n
+    capacity = -(-(width + max(budgets)) // 16) * 16
+    cursor = argparse.Namespace(write_at=torch.tensor([width], device=device), visible=width)
+    cache = _make_cache(model, capacity, cursor)
+    logits = torch.empty(n, model.config.get_text_config(decoder=True).vocab_size, device=device)  # (B, V)
     for chunk in micro_batches(range(len(prompts)), [len(p) for p in prompts], PREFILL_TOKENS):
         ids, mask = left_pad([prompts[i] for i in chunk], pad_id)  # (c, w)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (c, w): 0 at each row's first real token
         chunk_cache = _make_cache(model, ids.shape[1])
-        chunk_logits = forward(ids.to(device), mask.to(device), positions.to(device), chunk_cache)
+
+        def prefill():
+            logits[chunk] = forward(ids.to(device), mask.to(device), positions.to(device), chunk_cache)
+        run(prefill)
         for layer, chunk_layer in zip(cache.layers, chunk_cache.layers):
             layer.write_rows(chunk, chunk_layer.keys, chunk_layer.values, width, n)
-        for j, i in enumerate(chunk):
-            logits[i] = chunk_logits[j]
-    logits = torch.stack(logits)  # (B, V)
-    _, attention_mask = left_pad(prompts, pad_id)
-    attention_mask = attention_mask.to(device)  # (B, width), grows by one column per step
-    next_position = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+
+    # The decode step's tensors: the token fed, each row's position, the mask over the whole
+    # cache (the prompts' real tokens now, each new column as it is written) and the output
+    attend = torch.zeros(n, 1, 1, capacity, dtype=torch.bool, device=device)  # (B, 1, 1, C)
+    attend[:, 0, 0, :width] = left_pad(prompts, pad_id)[1].bool().to(device)
+    token = torch.zeros(n, 1, dtype=torch.long, device=device)
+    position = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1): the next token's position
+    step_logits = torch.empty_like(logits)
+
+    def step():  # the token in `token` at cursor.write_at; its next-token logits to step_logits
+        attend.index_fill_(-1, cursor.write_at, True)
+        step_logits.copy_(forward(token, attend[..., :cursor.visible], position, cache))
+        cursor.write_at.add_(1)
+        position.add_(1)
 
     # Decode: one token per live row per step.
     rows = list(range(n))  # batch row -> prompt index
@@ -788,12 +849,13 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     budget_left = torch.tensor(budgets)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     out_tokens, out_logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
-    for _ in range(max(budgets)):
-        token = _pick_tokens(logits, temperature, top_p, top_k, generator)  # (b,)
+    replay = None  # the step recorded as a CUDA graph, for the batch's current rows
+    for t in range(max(budgets)):
+        picked = _pick_tokens(logits, temperature, top_p, top_k, generator)  # (b,)
         tempered = logits / temperature if temperature > 0 else logits
-        logprob = torch.log_softmax(tempered, -1).gather(-1, token[:, None]).squeeze(-1)  # (b,)
-        ended = torch.isin(token, stop)
-        token_list, logprob_list, ended_list = token.tolist(), logprob.tolist(), ended.tolist()  # one sync
+        logprob = torch.log_softmax(tempered, -1).gather(-1, picked[:, None]).squeeze(-1)  # (b,)
+        ended = torch.isin(picked, stop)
+        token_list, logprob_list, ended_list = picked.tolist(), logprob.tolist(), ended.tolist()  # one sync
         for b, prompt_index in enumerate(rows):
             if live[b]:
                 out_tokens[prompt_index].append(token_list[b])
@@ -806,13 +868,22 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
             keep = live.nonzero().squeeze(-1)
             keep_device = keep.to(device)
             cache.batch_select_indices(keep_device)
-            token, attention_mask = token[keep_device], attention_mask[keep_device]
-            next_position = next_position[keep_device]
+            picked, attend, token = picked[keep_device], attend[keep_device], token[keep_device]
+            position, step_logits = position[keep_device], step_logits[keep_device]
             rows = [rows[i] for i in keep.tolist()]
             live, budget_left = live[keep], budget_left[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
-        logits = forward(token[:, None], attention_mask, next_position[:, None], cache)
-        next_position = next_position + 1
+            replay = None  # recorded on the old tensors
+        token.copy_(picked[:, None])
+        if replay is not None:
+            run(replay)
+        elif use_graph:  # this step eagerly (the warm-up), then record the step for the next ones
+            cursor.visible = capacity  # a graph has fixed shapes: it reads the whole cache, masked
+            replay = capture_graph(lambda: run(step), step, device)
+            use_graph = replay is not None
+        else:
+            cursor.visible = width + t + 1  # the columns filled so far, this step's included
+            run(step)
+        logits = step_logits
     return out_tokens, out_logprobs
 
 

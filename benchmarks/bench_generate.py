@@ -9,7 +9,10 @@ On CPU the model is the tiny preset (freshly built). On CUDA it is additionally 
 initialised Qwen2.5-1.5B-shaped model in bf16, and the JSON gains `decode_ms_per_step` and
 `bandwidth_fraction`: the decode step's time against the time needed just to read what it must
 -- every weight once and the batch's KV cache -- at the GPU's memory bandwidth (SPEC §7), the
-floor for a memory-bound step (`bandwidth_fraction_weights_only` leaves the cache out).
+floor for a memory-bound step (`bandwidth_fraction_weights_only` leaves the cache out). The
+sampler replays its decode step as a CUDA graph there (`cuda_graph`: whether it could be
+recorded, else `cuda_graph_failure` says why); `decode_ms_per_step_eager` and
+`bandwidth_fraction_eager` time the same steps launched one kernel at a time, for contrast.
 
 Both samplers run greedy (so their outputs can be compared token for token) on the same prompts
 -- real turn-3 conversations of the three envs, of different lengths, left-padded -- with the
@@ -154,12 +157,15 @@ def main():
                        conversation_prompts(tokenizer, args.batch, "full")]
         big_results = compare(big, big_prompts, args.new_tokens, [], 0, device, args.repeats)
         # decode time per step: our sampler with a long and a short budget; the difference is
-        # (long - short) decode steps, which cancels the prefill
+        # (long - short) decode steps, which cancels the prefill (and the graph's recording)
         times = {}
-        for n in (8, 8 + args.new_tokens):
-            _, times[n] = timed(lambda n=n: agent.sample(big, big_prompts, n, stop_ids=[], pad_id=0, temperature=0),
-                                device)
-        step_s = (times[8 + args.new_tokens] - times[8]) / args.new_tokens
+        for graph in (True, False):
+            for n in (8, 8 + args.new_tokens):
+                _, times[graph, n] = timed(lambda n=n, graph=graph: agent.sample(
+                    big, big_prompts, n, stop_ids=[], pad_id=0, temperature=0, cuda_graph=graph), device)
+        failures = sorted(agent.GRAPH_CAPTURE_FAILURES)  # any: the decode ran eagerly, this is why
+        step_s, eager_step_s = ((times[graph, 8 + args.new_tokens] - times[graph, 8]) / args.new_tokens
+                                for graph in (True, False))
         # what one decode step must read: every weight once, and every row's KV cache, which
         # spans the longest prompt plus the tokens so far (8 + new_tokens / 2 on average over the
         # timed steps; no stop tokens, so no row leaves the batch)
@@ -171,6 +177,11 @@ def main():
         results["decode_ms_per_step"] = round(step_s * 1000, 3)
         results["bandwidth_fraction"] = round((weight_bytes + kv_bytes) / peak / step_s, 3)
         results["bandwidth_fraction_weights_only"] = round(weight_bytes / peak / step_s, 3)
+        results["cuda_graph"] = not failures  # else the decode ran eagerly: the reason follows
+        if failures:
+            results["cuda_graph_failure"] = failures[0]
+        results["decode_ms_per_step_eager"] = round(eager_step_s * 1000, 3)  # cuda_graph=False, for contrast
+        results["bandwidth_fraction_eager"] = round((weight_bytes + kv_bytes) / peak / eager_step_s, 3)
         results["kv_cache_gb_read_per_step"] = round(kv_bytes / 1e9, 3)
         results["peak_bandwidth_tb_s"] = round(peak / 1e12, 3)
     print(json.dumps(results))

@@ -3,6 +3,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import agent
@@ -163,3 +164,76 @@ def test_sampler_rejects_bad_arguments(tiny):
     with pytest.raises(ValueError, match="max_new_tokens"):
         agent.sample(model, [[1, 2], [3]], [4], [], 0)
     assert agent.sample(model, [], 4, [], 0) == ([], [])
+
+
+# Operations that read a value back to the host. On a GPU each one waits for the device, and
+# none can be recorded in a CUDA graph (nor can making a tensor from host data).
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2",
+              "unique_consecutive", "unique_dim", "repeat_interleave", "lift_fresh"}
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the name of every aten operation run inside it."""
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_decode_step_can_be_recorded_as_a_cuda_graph(monkeypatch):
+    """On a GPU the sampler records its decode step once as a CUDA graph and replays it. Here,
+    on CPU, the graph path runs with a stand-in for the recording that replays the step by
+    running it again, watching its operations: it must give the tokens transformers' generate
+    gives (the step attends over the whole cache, its unwritten columns masked), be recorded
+    again for a smaller batch after rows leave, and read nothing back to the host."""
+    seen, recordings = OpsSeen(), []
+
+    def stand_in(warm_up, step, device):
+        warm_up()
+        recordings.append(device)
+
+        def replay():
+            with seen:
+                step()
+        return replay
+    monkeypatch.setattr(agent, "capture_graph", stand_in)
+    model = gqa_model()
+    prompts = random_prompts(10, 300, [5, 12, 33, 50])
+    free, _ = agent.sample(model, prompts, 30, [], 0, temperature=0, cuda_graph=False)
+    stops = sorted({row[k] for k, row in zip((3, 8, 15, 22), free)})  # rows end at different steps
+    ours, _ = agent.sample(model, prompts, 30, stops, 0, temperature=0, cuda_graph=True)
+    assert ours == hf_greedy(model, prompts, 30, stops, 0)
+    assert len(recordings) >= 2  # once at the start, again once finished rows left the batch
+    assert seen.names and not seen.names & HOST_READS, sorted(seen.names & HOST_READS)
+    with seen:  # and the watch sees a host read where there is one
+        torch.ones(2).sum().item()
+    assert "_local_scalar_dense" in seen.names
+
+
+def test_sampler_needs_sdpa_attention():
+    model = gqa_model()
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="SDPA"):
+        agent.sample(model, [[1, 2]], 4, [], 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_gives_the_eager_tokens(monkeypatch):
+    recorded, capture_graph = [], agent.capture_graph
+
+    def counted(warm_up, step, device):  # the real recording, counted when it succeeds
+        replay = capture_graph(warm_up, step, device)
+        recorded.append(replay is not None)
+        return replay
+    monkeypatch.setattr(agent, "capture_graph", counted)
+    model = gqa_model().cuda()
+    prompts = random_prompts(16, 300, [5, 12, 33, 50])
+    free, _ = agent.sample(model, prompts, 30, [], 0, temperature=0, cuda_graph=False)
+    stops = sorted({row[k] for k, row in zip((3, 8, 15, 22), free)})
+    graphed, _ = agent.sample(model, prompts, 30, stops, 0, temperature=0)
+    eager, _ = agent.sample(model, prompts, 30, stops, 0, temperature=0, cuda_graph=False)
+    assert recorded and all(recorded), agent.GRAPH_CAPTURE_FAILURES  # recorded, again after rows left
+    assert graphed == eager
