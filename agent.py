@@ -17,6 +17,7 @@ The stages import what they need from here (and the rules from envs.py); what on
 needs stays in that stage's script.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -608,8 +609,9 @@ def ensure_tiny_model(out_dir, seed=0):
 # reading only the cache columns filled so far.
 #
 # Rows stop independently (on <|im_end|> / EOS or their token budget). A finished row is dropped
-# from the batch -- its cache rows included -- once a quarter of the batch has finished, so that
-# finished rows stop costing compute without copying the cache after every single stop.
+# from the batch -- its cache rows included -- once a quarter of the batch has finished (half,
+# with graphs: the smaller batch is recorded again), so that finished rows stop costing compute
+# without copying the cache after every single stop.
 
 class _PreallocatedLayer(CacheLayerMixin):
     """One attention layer's keys and values, in buffers sized for the whole generation.
@@ -738,7 +740,8 @@ def micro_batches(batch, lengths, max_tokens):
     return pieces + ([piece] if piece else [])
 
 
-GRAPH_CAPTURE_FAILURES = set()  # why CUDA graph capture failed in this process, each reason warned about once
+GRAPH_CAPTURE_FAILURES = set()  # why CUDA graph capture failed in this process: after one, sample stops trying
+_CAPTURE_STREAMS = {}  # device -> the side stream graphs are recorded on (each stream holds a cuBLAS workspace)
 
 
 def capture_graph(warm_up, step, device):
@@ -747,20 +750,24 @@ def capture_graph(warm_up, step, device):
     or None when step() cannot be recorded (the caller then decodes eagerly). Recording does not
     run the step. The warm-up is what CUDA graphs need first: lazy library set-up (cuBLAS
     workspaces, say) cannot be recorded."""
-    stream = torch.cuda.Stream(device)
+    stream = _CAPTURE_STREAMS.setdefault(device, torch.cuda.Stream(device))
     stream.wait_stream(torch.cuda.current_stream(device))
-    graph = torch.cuda.CUDAGraph()
+    graph, first_error = torch.cuda.CUDAGraph(), None
     with torch.cuda.stream(stream):
         warm_up()
         try:
             with torch.cuda.graph(graph, stream=stream):
-                step()
+                try:
+                    step()
+                except Exception as e:  # kept: ending a broken capture raises an error of its own
+                    first_error = e
+                    raise
         except Exception as e:  # an operation that cannot be recorded (a host sync, say)
-            graph = None
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            graph, error = None, first_error or e
+            reason = f"{type(error).__name__}: {(str(error).strip() or '-').splitlines()[0]}"
             if reason not in GRAPH_CAPTURE_FAILURES:
                 GRAPH_CAPTURE_FAILURES.add(reason)
-                warnings.warn(f"agent.sample: CUDA graph capture failed, decoding eagerly ({reason})",
+                warnings.warn(f"agent.sample: CUDA graph capture failed, decoding eagerly from now on ({reason})",
                               RuntimeWarning)
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay if graph is not None else None
@@ -780,7 +787,8 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     (temperature 1 when greedy). PPO recomputes these with its training forward pass; the
     sampler's are a check on that (rl.py's actor/sampler_logprob_gap).
     on_forward: optional callback(seconds) per forward pass (used by benchmarks).
-    cuda_graph: replay the decode step as a CUDA graph (default: on a CUDA device; False: never).
+    cuda_graph: replay the decode step as a CUDA graph (default: on a CUDA device, until a
+    recording has failed in this process; False: never; True: try even so).
     The model must use SDPA attention (load_model's): the decode passes it a boolean 4-D mask.
     """
     device = next(model.parameters()).device
@@ -796,7 +804,12 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         raise ValueError(f"agent.sample needs a model with SDPA attention, not "
                          f"{model.config._attn_implementation!r} (load it with agent.load_model)")
     cache_kwarg = _cache_kwarg(model)
-    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    use_graph = device.type == "cuda" and not GRAPH_CAPTURE_FAILURES if cuda_graph is None else cuda_graph
+    # On a GPU the decode's attention runs on the memory-efficient kernel, which takes the mask and
+    # can be recorded (cuDNN's, preferred on recent GPUs, builds a plan per key length)
+    decode_kernels = (torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+                                                      torch.nn.attention.SDPBackend.MATH])
+                      if device.type == "cuda" else contextlib.nullcontext())
 
     def forward(ids, mask, positions, cache):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -839,7 +852,8 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
 
     def step():  # the token in `token` at cursor.write_at; its next-token logits to step_logits
         attend.index_fill_(-1, cursor.write_at, True)
-        step_logits.copy_(forward(token, attend[..., :cursor.visible], position, cache))
+        with decode_kernels:
+            step_logits.copy_(forward(token, attend[..., :cursor.visible], position, cache))
         cursor.write_at.add_(1)
         position.add_(1)
 
@@ -856,15 +870,17 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         logprob = torch.log_softmax(tempered, -1).gather(-1, picked[:, None]).squeeze(-1)  # (b,)
         ended = torch.isin(picked, stop)
         token_list, logprob_list, ended_list = picked.tolist(), logprob.tolist(), ended.tolist()  # one sync
-        for b, prompt_index in enumerate(rows):
-            if live[b]:
+        for b, (prompt_index, row_live) in enumerate(zip(rows, live.tolist())):
+            if row_live:
                 out_tokens[prompt_index].append(token_list[b])
                 out_logprobs[prompt_index].append(logprob_list[b])
         budget_left -= 1
         live &= ~torch.tensor(ended_list) & (budget_left > 0)
         if not live.any():
             break
-        if (~live).sum() * 4 >= len(rows):  # drop finished rows from the batch and the cache
+        # drop finished rows from the batch and the cache, once a quarter of it has finished (with
+        # graphs, half: each drop costs a new recording)
+        if (~live).sum() * (2 if use_graph else 4) >= len(rows):
             keep = live.nonzero().squeeze(-1)
             keep_device = keep.to(device)
             cache.batch_select_indices(keep_device)
