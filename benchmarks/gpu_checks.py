@@ -9,7 +9,9 @@ process with its own time limit, the issues' must-shows first.
 
 The checks, in order (each is skipped when less than --min-slot-s of the budget is left):
   generate   bench_generate.py: our sampler against model.generate; on CUDA also a
-             Qwen2.5-1.5B-shaped bf16 model's decode_ms_per_step and bandwidth_fraction (issue 3)
+             Qwen2.5-1.5B-shaped bf16 model's decode_ms_per_step and bandwidth_fraction, with the
+             decode step replayed as a CUDA graph (cuda_graph: whether it could be recorded) and
+             eagerly, for contrast (issue 3)
   sft        bench_sft.py: the SFT step; on CUDA also a Qwen2.5-1.5B-shaped model's mfu (issue 4)
   ppo        bench_ppo.py --arch qwen2.5-1.5b: a full 32 x 8 PPO step with a Qwen2.5-1.5B-shaped
              actor and critic, peak_mem_gb against the 80 GB target (issue 5)
