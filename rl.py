@@ -336,9 +336,9 @@ def filter_groups(episodes, keep, worldmodel_reward=0.0, rank=0, world=1):
     Under torchrun the choice is made over every rank's groups, as one process would make it: rank r
     played the step's puzzles r, r + world, ..., so its group g is the step's group g * world + r.
     (A choice per rank would keep another fraction and other puzzles: on 8 ranks playing 2 of 16
-    groups each, the at-least-one rule keeps 1 of each rank's 2, half of the step's groups.) The kept episodes are then
-    dealt out again in the step's order, rank r taking every world-th, so that every rank updates on
-    an equal share whichever ranks played them.
+    groups each, the at-least-one rule keeps 1 of each rank's 2, half of the step's groups.) The
+    kept episodes are then dealt out again in the step's order, rank r taking every world-th, so
+    that every rank updates on an equal share whichever ranks played them.
 
     The filter is not neutral: a group's std is largest where the policy succeeds about half the
     time, so it keeps the puzzles the policy's current preferences solve, and their update
