@@ -17,7 +17,6 @@ The stages import what they need from here (and the rules from envs.py); what on
 needs stays in that stage's script.
 """
 import argparse
-import contextlib
 import glob
 import json
 import math
@@ -41,6 +40,12 @@ import envs
 
 # Our scripts show their own progress; transformers' per-load/per-save bars would interleave with it.
 transformers_logging.disable_progress_bar()
+# Attention kernels on a GPU: recent torch puts cuDNN's first on H100, and it builds an execution
+# plan for every new shape (batch, length): tens of milliseconds of host time each. Our batches
+# change shape all the time -- SFT's length buckets, PPO's micro-batches, a decode whose rows leave
+# and whose cache grows -- so that cost would come back every step (and a plan per key length
+# cannot be recorded in a CUDA graph). Flash and memory-efficient attention need no plan.
+torch.backends.cuda.enable_cudnn_sdp(False)
 
 # -----------------------------------------------------------------------------
 # 1. Prompts (SPEC §3)
@@ -805,11 +810,6 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
                          f"{model.config._attn_implementation!r} (load it with agent.load_model)")
     cache_kwarg = _cache_kwarg(model)
     use_graph = device.type == "cuda" and not GRAPH_CAPTURE_FAILURES if cuda_graph is None else cuda_graph
-    # On a GPU the decode's attention runs on the memory-efficient kernel, which takes the mask and
-    # can be recorded (cuDNN's, preferred on recent GPUs, builds a plan per key length)
-    decode_kernels = (torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
-                                                      torch.nn.attention.SDPBackend.MATH])
-                      if device.type == "cuda" else contextlib.nullcontext())
 
     def forward(ids, mask, positions, cache):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -852,8 +852,8 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
 
     def step():  # the token in `token` at cursor.write_at; its next-token logits to step_logits
         attend.index_fill_(-1, cursor.write_at, True)
-        with decode_kernels:
-            step_logits.copy_(forward(token, attend[..., :cursor.visible], position, cache))
+        # attention over the cache, masked: on a GPU the memory-efficient kernel (flash takes no mask)
+        step_logits.copy_(forward(token, attend[..., :cursor.visible], position, cache))
         cursor.write_at.add_(1)
         position.add_(1)
 

@@ -214,6 +214,11 @@ def test_the_decode_step_can_be_recorded_as_a_cuda_graph(monkeypatch):
     assert "_local_scalar_dense" in seen.names
 
 
+def test_cudnn_attention_is_off_once_agent_is_imported():
+    # its plan per shape would cost every step of SFT, PPO and the decode on a GPU (agent.py, top)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_sampler_needs_sdpa_attention():
     model = gqa_model()
     model.config._attn_implementation = "eager"
