@@ -28,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+import types
 import urllib.parse
 import warnings
 from dataclasses import dataclass, field
@@ -828,7 +829,7 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     # a multiple of 16 columns: the alignment GPU attention kernels want of a mask's rows.
     width = max(len(p) for p in prompts)
     capacity = -(-(width + max(budgets)) // 16) * 16
-    cursor = argparse.Namespace(write_at=torch.tensor([width], device=device), visible=width)
+    cursor = types.SimpleNamespace(write_at=torch.tensor([width], device=device), visible=width)
     cache = _make_cache(model, capacity, cursor)
     logits = torch.empty(n, model.config.get_text_config(decoder=True).vocab_size, device=device)  # (B, V)
     for chunk in micro_batches(range(len(prompts)), [len(p) for p in prompts], PREFILL_TOKENS):
