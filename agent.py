@@ -756,7 +756,9 @@ def capture_graph(warm_up, step, device):
     or None when step() cannot be recorded (the caller then decodes eagerly). Recording does not
     run the step. The warm-up is what CUDA graphs need first: lazy library set-up (cuBLAS
     workspaces, say) cannot be recorded."""
-    stream = _CAPTURE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    stream = _CAPTURE_STREAMS[device]
     stream.wait_stream(torch.cuda.current_stream(device))
     graph, first_error = torch.cuda.CUDAGraph(), None
     with torch.cuda.stream(stream):
