@@ -1287,12 +1287,28 @@ def text_policy(tokenizer, respond):
 # -----------------------------------------------------------------------------
 # 7. Small pieces the stage scripts share around the method
 
+def training_hidden_states(backbone, ids, attention):
+    """The training forward pass of a transformer body (a model's base_model) over a RIGHT-padded
+    batch: the last hidden states, (b, T, H), with no KV cache built.
+
+    No attention mask goes in. With every row's pads after its real tokens, causal attention alone
+    keeps each real token off the pads (they come later), and what the pads themselves compute is
+    never scored, so the real tokens' states and gradients are a masked pass's (to 1e-6, tested).
+    Without a mask SDPA runs its causal kernel, which skips the blocks above the diagonal and
+    builds no (b, 1, T, T) mask -- on CPU the tiny model's forward and backward take 17% less
+    time at 1,000 tokens a row, 32% at 2,000 (README) -- and on CUDA it can pick the flash kernel,
+    which takes no mask at all. `attention` (1 on real tokens) is only checked."""
+    if attention.shape[1] > 1 and bool((attention[:, 1:] > attention[:, :-1]).any()):
+        raise ValueError("training_hidden_states needs right-padded rows (a pad before a real token)")
+    return backbone(input_ids=ids, use_cache=False).last_hidden_state
+
+
 def scored_logits(model, ids, attention, scored):
-    """The training forward pass, with next-token logits only where a stage needs them: (n, V) fp32
-    for the positions t where scored[:, t] ((b, T-1), bool), each predicting token t+1. The prompt's
-    logits are never computed -- with a 152k-token vocabulary they would be most of the memory and
-    time of a step -- and no KV cache is built."""
-    hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state  # (b, T, H)
+    """The training forward pass (right-padded rows, see training_hidden_states), with next-token
+    logits only where a stage needs them: (n, V) fp32 for the positions t where scored[:, t]
+    ((b, T-1), bool), each predicting token t+1. The prompt's logits are never computed -- with a
+    152k-token vocabulary they would be most of the memory and time of a step."""
+    hidden = training_hidden_states(model.base_model, ids, attention)  # (b, T, H)
     return model.get_output_embeddings()(hidden[:, :-1][scored]).float()  # (n, V)
 
 

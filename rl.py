@@ -422,7 +422,7 @@ def token_logprobs(model, ids, attention, where, temperature=1.0, with_entropy=F
 
 def token_values(critic, ids, attention, where):
     """The critic's value of the state before each token where `where`, (b, T), 0 elsewhere."""
-    hidden = critic["backbone"](input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    hidden = agent.training_hidden_states(critic["backbone"], ids, attention)
     scored = where[:, 1:].bool()
     values = torch.zeros(ids.shape, device=ids.device)
     values[:, 1:][scored] = critic["value_head"](hidden[:, :-1][scored]).float().squeeze(-1)

@@ -131,6 +131,37 @@ def two_scored_rows(tokenizer):
     return ids, attention, where
 
 
+def test_the_training_forward_runs_causal_attention_without_a_mask(tiny, monkeypatch):
+    """Right-padded rows need no attention mask (agent.training_hidden_states): the real tokens'
+    states and the gradients are the masked pass's, every attention call runs the causal kernel
+    with no mask, and a row with a pad before a real token is refused."""
+    model, tokenizer = tiny
+    ids, attention, _ = two_scored_rows(tokenizer)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def watched(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    model.zero_grad()
+    masked = model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
+    (masked[attention.bool()] ** 2).sum().backward()
+    grads = [p.grad.clone() for p in model.base_model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", watched)
+    hidden = agent.training_hidden_states(model.base_model, ids, attention)
+    (hidden[attention.bool()] ** 2).sum().backward()
+    assert len(calls) == model.config.num_hidden_layers
+    assert all(mask is None and causal for mask, causal in calls)
+    assert torch.allclose(hidden[attention.bool()], masked[attention.bool()], atol=1e-6)
+    for p, expected in zip(model.base_model.parameters(), grads):
+        assert torch.allclose(p.grad, expected, atol=1e-6, rtol=1e-4)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="right-padded"):
+        agent.training_hidden_states(model.base_model, ids.flip(1), attention.flip(1))  # left-padded
+
+
 def test_token_logprobs_and_entropy_match_a_full_forward(tiny):
     model, tokenizer = tiny
     ids, attention, where = two_scored_rows(tokenizer)
