@@ -132,7 +132,7 @@ def parse_args(argv=None):
       help="each turn's reward on that turn's last token (default: the episode score on the last token)")
     p("--worldmodel-reward", type=agent.finite_float, default=0.0,
       help="online world-model RL: this bonus per format-valid turn for an exact <observation> and again for "
-           "an exact <prediction> (needs --mode worldmodel)")
+           "an exact <prediction> (needs --mode worldmodel and --state-loss)")
     p("--state-loss", action=argparse.BooleanOptionalAction,
       help="--no-state-loss leaves the <observation>/<prediction> contents and the position trace before the "
            "<prediction> out of the policy loss: SFT learnt the states, PPO learns the actions (with them in, "
@@ -175,6 +175,9 @@ def parse_args(argv=None):
     problems = []
     if args.mode == "base" and args.worldmodel_reward:
         problems.append("--worldmodel-reward needs --mode worldmodel (base-mode responses carry no states)")
+    elif args.worldmodel_reward and not args.state_loss:
+        problems.append("--worldmodel-reward rewards the states, which --no-state-loss (the tiny preset's default) "
+                        "keeps out of the policy loss: add --state-loss")
     if args.train_puzzles < 0:
         problems.append("--train-puzzles must be >= 0 (0: new puzzles every step)")
     if not 0 < args.keep_groups <= 1:
@@ -454,8 +457,12 @@ def gae(rewards, values, mask, gamma, lam):
 def policy_loss_terms(logp, old_logp, advantages, clip_low, clip_high):
     """PPO's clipped surrogate per token, and which tokens the clip bound: (loss, clipped_low, clipped_high).
     The ratio may move to 1 - clip_low below and 1 + clip_high above (asymmetric: more room for
-    raising the probability of a good but unlikely token)."""
-    ratio = torch.exp(logp - old_logp)
+    raising the probability of a good but unlikely token). The log-ratio is clamped to +-20, as
+    kl_terms' is: beyond it exp overflows to inf, and inf x an advantage of 0 (a token out of the
+    policy loss, such as a state under --no-state-loss) is NaN, which the mask's 0 does not remove
+    from the token mean. A token past the clamp, e^20 times likelier or less likely than when it
+    was sampled, gets no gradient from this term."""
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     bound = clipped > unclipped
@@ -606,15 +613,28 @@ def rollout_kwargs(args):
                 env_overrides=args.env_overrides)
 
 
+def validation_batches(args, world):
+    """Validation puzzles per rollout batch: as many as fit in the training rollout's episodes per
+    rank (at least one), so that memory_plan's rollout phase bounds validation's KV cache too (the
+    paper preset validates 64 x 8 episodes and plays 32 x 8 a step)."""
+    return max(1, args.env_groups * args.group_size // world // args.val_samples)
+
+
 @torch.no_grad()
 def validate(model, tokenizer, args, rank, world, device, step):
+    """Pass@k, format validity and score on the fixed validation puzzles (this rank's share, in
+    batches of validation_batches puzzles), reduced over ranks: one metrics row."""
     seeds = list(range(args.val_seed_start, args.val_seed_start + args.val_puzzles))[rank::world]
     generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "validation", step, rank))
     policy = agent.model_policy(model, tokenizer, temperature=args.temperature, generator=generator)
-    episodes = agent.rollout(policy, tokenizer, args.env, seeds, args.val_samples, **rollout_kwargs(args))
-    successes = [0] * len(seeds)
-    for ep in episodes:
-        successes[ep.group] += ep.success
+    successes, episodes = [0] * len(seeds), []
+    per_batch = validation_batches(args, world)
+    for first in range(0, len(seeds), per_batch):
+        played = agent.rollout(policy, tokenizer, args.env, seeds[first:first + per_batch], args.val_samples,
+                               **rollout_kwargs(args))
+        for ep in played:
+            successes[first + ep.group] += ep.success  # ep.group counts from the batch's first puzzle
+        episodes += played
     turns = [t for ep in episodes for t in ep.turns]
     successes = [c for part in all_gather_objects(successes) for c in part]
     counts = all_sum([len(turns), sum(t["format_valid"] for t in turns), sum(ep.score for ep in episodes),
@@ -638,9 +658,10 @@ def sampler_dtype(args, device):
 def memory_plan(n_params, config, args, device, world):
     """Estimated peak GPU memory of one rank, in GB, in the two phases of a step. Always resident:
     fp32 master weights of actor and critic (PPO's learning rates are below what a bf16 weight can
-    resolve), their AdamW moments (8 bytes per parameter each, unless --offload-optimizer moves
-    them to CPU memory during the rollout), the sampler's bf16 copy and the reference model.
-    The rollout adds the KV cache (every sequence at the context budget: an upper bound); the
+    resolve), their AdamW moments (8 bytes per parameter each, unless --offload-optimizer keeps
+    them in CPU memory outside the update), the sampler's bf16 copy and the reference model.
+    The rollout adds the KV cache (every sequence at the context budget: an upper bound; validation
+    plays in batches no larger than the rollout's, see validation_batches); the
     update adds gradients and the LM head's logits for one micro-batch (fp32, with the
     log-softmax and its gradient), but not the layers' activations (see --grad-checkpointing)."""
     gb = 1e9
@@ -850,16 +871,21 @@ def main(argv=None):
             tqdm.write(json.dumps(row))
         return row
 
+    def place_moments(where):
+        """--offload-optimizer: AdamW's moments stay in CPU memory except during the update (step 6),
+        so the rollout and validation have that memory for the KV cache."""
+        if args.offload_optimizer:
+            move_optimizer_state(actor_opt, where)
+            move_optimizer_state(critic_opt, where)
+
     # train: one PPO step per iteration, numbered as in the module docstring
+    place_moments("cpu")  # a resumed run's moments were loaded onto the device
     last_validation = validation() if step == 0 else (validated[-1] if validated else None)
     progress = tqdm(total=args.steps, initial=step, desc="ppo", disable=None if is_main else True)
     while step < args.steps:
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if args.offload_optimizer:
-            move_optimizer_state(actor_opt, "cpu")
-            move_optimizer_state(critic_opt, "cpu")
         # 1. rollout: this rank's share of the step's puzzles
         seeds = step_puzzle_seeds(args, step)[rank::world]
         generator = torch.Generator(device=device).manual_seed(seed_for(args.seed, "rollout", step, rank))
@@ -882,10 +908,9 @@ def main(argv=None):
         logprob_s = time.perf_counter() - mark  # steps 4 and 5
         # 6. PPO epochs x mini-batches
         mark = time.perf_counter()
-        if args.offload_optimizer:
-            move_optimizer_state(actor_opt, device)
-            move_optimizer_state(critic_opt, device)
+        place_moments(device)
         stats = update(actor, critic, actor_opt, critic_opt, batch, args, world, device, autocast, step)
+        place_moments("cpu")
         if sampler is not actor:
             sampler.load_state_dict(actor.state_dict())
         update_s = time.perf_counter() - mark

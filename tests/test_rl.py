@@ -88,6 +88,18 @@ def test_policy_loss_does_not_clip_a_move_against_the_advantage():
     assert torch.allclose(loss, torch.tensor([-0.5])) and not low.any() and not high.any()
 
 
+def test_policy_loss_stays_finite_when_a_token_out_of_the_loss_moved_far():
+    # a state token under --no-state-loss: advantage 0 (whitened out of the policy mask), mask 0, and
+    # its log-prob up by 100 nats since sampling; exp(100) is inf in float32 and -0 x inf is NaN
+    logp = torch.tensor([-1.0, 0.0, -150.0], requires_grad=True)
+    old = torch.tensor([-1.2, -100.0, 0.0])
+    adv, mask = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0])
+    loss, low, high = rl.policy_loss_terms(logp, old, adv, 0.2, 0.28)
+    ((loss * mask).sum() / mask.sum()).backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert logp.grad[0] < 0 and logp.grad[1:].abs().sum() == 0  # the token in the loss is pushed up
+
+
 def test_value_loss_clips_around_the_old_value():
     values, old, returns = torch.tensor([1.0, 0.1, 0.0]), torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
     loss, clipped = rl.value_loss_terms(values, old, returns, 0.5)
@@ -632,6 +644,36 @@ def tiny_run(tiny_dir, out, *extra):
             "--actor-lr", "1e-3", "--critic-lr", "1e-3", *extra]
 
 
+def test_validation_plays_in_batches_no_larger_than_the_rollout_and_counts_each_puzzle_apart(tiny, monkeypatch):
+    """The paper preset validates 64 x 8 episodes and plays 32 x 8 a step: validation comes in
+    batches of at most the rollout's episodes, which the memory plan bounds. The oracle stands in
+    for the model, so that puzzles differ in how often they are solved and Pass@k (k > 1) would
+    show a success counted against the wrong puzzle."""
+    model, tokenizer = tiny
+    args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--env-groups", "4",
+                          "--group-size", "2", "--val-puzzles", "5", "--val-samples", "4"])
+    assert rl.validation_batches(args, 1) == 2 and rl.validation_batches(args, 2) == 1
+    monkeypatch.setattr(agent, "model_policy", lambda *a, **k: agent.oracle_policy(tokenizer, "worldmodel"))
+    batches, real_rollout = [], agent.rollout
+
+    def recorded_rollout(policy, tokenizer, env_name, seeds, group_size, **kwargs):
+        episodes = real_rollout(policy, tokenizer, env_name, seeds, group_size, **kwargs)
+        batches.append((list(seeds), episodes))
+        return episodes
+
+    monkeypatch.setattr(agent, "rollout", recorded_rollout)
+    row = rl.validate(model, tokenizer, args, 0, 1, torch.device("cpu"), 0)
+    assert [seeds for seeds, _ in batches] == [[123, 124], [125, 126], [127]]  # <= 8 episodes each
+    successes = {}
+    for _, episodes in batches:
+        for ep in episodes:
+            successes[ep.seed] = successes.get(ep.seed, 0) + ep.success
+    assert len(set(successes.values())) > 1  # the puzzles differ, or the check below could not fail
+    for k in (1, 2, 4):
+        expected = sum(rl.pass_at_k(4, c, k) for c in successes.values()) / 5
+        assert row[f"val/pass@{k}"] == round(expected, 4)
+
+
 def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch, capsys):
     straight = rl.main(tiny_run(tiny_dir, tmp_path / "a"))
 
@@ -834,6 +876,8 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     (["--val-seed-start", "-5"], "--val-seed-start must be >= 0"),
     (["--max-response-tokens", "5000"], "--max-response-tokens must be below --max-context-tokens"),
     (["--env-overrides", "{bad"], "not valid JSON"),
+    # the tiny preset keeps the states out of the policy loss, where a bonus for them could not reach them
+    (["--preset", "tiny", "--worldmodel-reward", "0.1"], "keeps out of the policy loss: add --state-loss"),
     (["--env-overrides", '{"render_mode": "grid"}'], "set it with --render"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
@@ -876,11 +920,12 @@ def test_memory_plan_of_the_paper_configuration():
 
 
 def test_every_switch_runs_end_to_end(tiny_dir, tmp_path):
-    """KL to a reference, turn-level rewards, the online world-model reward, the state mask, two PPO
-    epochs, gradient checkpointing, optimiser offload, a bf16 sampler copy and a fixed set of training
-    puzzles (fewer than a step's groups: one puzzle twice in a step), together."""
+    """KL to a reference, turn-level rewards, the online world-model reward (with the states in the
+    policy loss, which it needs; the other tiny runs keep them out), two PPO epochs, gradient
+    checkpointing, optimiser offload, a bf16 sampler copy and a fixed set of training puzzles (fewer
+    than a step's groups: one puzzle twice in a step), together."""
     summary = rl.main(tiny_run(tiny_dir, tmp_path / "all", "--kl-coef", "0.05", "--turn-rewards",
-                               "--worldmodel-reward", "0.1", "--no-state-loss", "--ppo-epochs", "2",
+                               "--worldmodel-reward", "0.1", "--state-loss", "--ppo-epochs", "2",
                                "--train-puzzles", "3",
                                "--grad-checkpointing", "--offload-optimizer", "--rollout-dtype", "bf16"))
     rows = [json.loads(line) for line in open(tmp_path / "all" / "metrics.jsonl")]
