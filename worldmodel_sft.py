@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -131,7 +132,8 @@ def parse_args(argv=None):
                         help="AdamW weight decay (matrices only)")
     parser.add_argument("--betas", type=agent.finite_float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
     parser.add_argument("--grad-clip", type=agent.finite_float, default=1.0, help="gradient norm clip")
-    parser.add_argument("--max-length", type=int, default=2048, help="longer examples are dropped")
+    parser.add_argument("--max-length", type=int, default=2048,
+                        help="longer sequences are dropped (a warning counts their turns by turn number)")
     parser.add_argument("--save-every", type=int, default=100, help="optimiser steps between resumable saves")
     # evaluation
     parser.add_argument("--eval-turns", type=int, help="held-out turns evaluated by greedy generation")
@@ -727,13 +729,18 @@ def main(argv=None):
     sequences = conversations(train) if args.pack else [[ex] for ex in train]
     heldout_sample = random.Random(f"{args.seed}-heldout").sample(heldout, min(args.heldout_loss_turns, len(heldout)))
     try:  # a response without its spans, say: the dataset's fault, said in one line
-        encoded = [e for e in (encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences)
-                   if len(e[0]) <= args.max_length]
+        encoded = [encode_conversation(tokenizer, turns, args.loss_spans) for turns in sequences]
         heldout_encoded = [e for e in (encode_example(tokenizer, ex, args.loss_spans) for ex in heldout_sample)
                            if len(e[0]) <= args.max_length]
     except ValueError as e:
         raise SystemExit(f"error: {dataset or data_path}: {e}") from None
+    dropped = [ex["turn"] for turns, e in zip(sequences, encoded) if len(e[0]) > args.max_length for ex in turns]
+    encoded = [e for e in encoded if len(e[0]) <= args.max_length]
     lengths = [len(e[0]) for e in encoded]
+    if dropped:  # the long ones are the late turns: dropping them tilts the data toward early turns
+        by_turn = ", ".join(f"turn {t}: {dropped.count(t)}" for t in sorted(set(dropped)))
+        tqdm.write(f"warning: {len(dropped)} of {len(train)} training turns are in sequences over --max-length "
+                   f"{args.max_length} and are not trained on ({by_turn})", file=sys.stderr)
     if not encoded:
         raise SystemExit(f"error: no training sequence fits in --max-length {args.max_length}")
     total_steps = planned_steps(lengths, args)

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -630,6 +631,9 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no training sequence fits in --max-length 10"):
         sft.main(SMALL + ["--out", str(tmp_path / "t"), "--max-length", "10"])
+    warning = re.search(r"warning: (\d+) of (\d+) training turns are in sequences over --max-length 10 and are not "
+                        r"trained on \(turn 1: (\d+)[^)]*\)", capsys.readouterr().err)
+    assert warning and warning[1] == warning[2] and 0 < int(warning[3]) <= int(warning[1])
     with pytest.raises(SystemExit, match="no such folder"):
         sft.main(SMALL + ["--out", str(tmp_path / "z"), "--model", str(tmp_path / "no-model")])
     run = tmp_path / "w"
