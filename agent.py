@@ -344,7 +344,14 @@ def load_model(name_or_path, device=None, dtype=None):
     if len(tokenizer) > model.config.vocab_size:  # its ids would index past the embedding table mid-run
         raise ModelLoadError(f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens and the model's "
                              f"vocabulary {model.config.vocab_size}: they do not belong together")
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    # a corrupt file can still parse, and its NaNs would surface mid-run as a sampling error
+    not_finite = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not_finite:
+        raise ModelLoadError(f"the weights of {name_or_path!r} are not all finite: {len(not_finite)} tensors hold "
+                             f"NaN or inf, {not_finite[0]} first (a corrupt file, or a checkpoint of a run that "
+                             f"diverged)")
+    return model, tokenizer
 
 
 def load_failure(name_or_path, what, error):
@@ -1566,6 +1573,18 @@ def json_object(text):
     return value
 
 
+def seed_int(text):
+    """A --seed flag: a whole number from 0 to 2**63 - 1, what every generator a run seeds takes
+    (numpy's refuses a negative seed, torch's one past 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2**63 - 1, not {text}")
+    return value
+
+
 def finite_float(text):
     """A float flag: NaN and infinities are refused (they would train a model into NaN, silently)."""
     try:
@@ -1578,7 +1597,12 @@ def finite_float(text):
 
 
 def make_run_dir(path):
-    """Create the run folder (--out), or exit with one line that says why it cannot be."""
+    """Create the run folder (--out), or exit with one line that says why it cannot be. A model
+    checkpoint is not a run folder: the run would replace the run_config.json that tells
+    evaluate.py and the next stage how the checkpoint was trained (--out given as --model, say)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: --out {path} is a model checkpoint (it has config.json); a run there would "
+                         f"overwrite its files: pass a new folder")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

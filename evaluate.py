@@ -127,7 +127,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-context-tokens", type=int, default=agent.MAX_CONTEXT_TOKENS,
                         help="token budget per conversation")
     parser.add_argument("--temperature", type=agent.finite_float, default=1.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed; also the bootstrap's")
+    parser.add_argument("--seed", type=agent.seed_int, default=0, help="sampling seed; also the bootstrap's")
     parser.add_argument("--batch-puzzles", type=int, default=32,
                         help="puzzles per rollout batch (x samples episodes decode together; memory)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")

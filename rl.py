@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p("--preset", default="paper", choices=PRESETS, help="defaults for the flags left unset")
     p("--model", help="HF id or folder to start from (the SFT checkpoint for SPA); unset: a fresh tiny model")
     p("--out", help="run folder (created; an existing run there is resumed; default: runs/rl-ENV)")
-    p("--seed", type=int, default=0,
+    p("--seed", type=agent.seed_int, default=0,
       help="seed of rollouts, validation and the mini-batch order (the value head starts at 0)")
     p("--env-overrides", type=agent.json_object, default={},
       help='JSON of envs.make overrides, e.g. \'{"slippery": false}\' or \'{"max_steps": 1}\'')
@@ -795,8 +795,7 @@ def main(argv=None):
     config = agent.run_config(args)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     state_path = os.path.join(args.out, "train_state.pt")
-    if is_main:
-        agent.make_run_dir(args.out)
+    agent.make_run_dir(args.out)  # on every rank: a folder that cannot be one stops them all
     if os.path.isfile(state_path):  # resuming: the same run or an error, on every rank, before any loading
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
                                          agent.default_run_config(parse_args, args, PRESETS))

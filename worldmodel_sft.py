@@ -84,7 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="paper", choices=PRESETS, help="defaults for the flags below")
     parser.add_argument("--model", help="HF id or folder to finetune; unset: a fresh tiny model")
     parser.add_argument("--out", help="run folder (created; an existing run there is resumed; default: runs/sft-ENV)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and the tiny model")
+    parser.add_argument("--seed", type=agent.seed_int, default=0,
+                        help="seed for data order, sampling and the tiny model")
     parser.add_argument("--env-overrides", type=agent.json_object, default={},
                         help='JSON of envs.make overrides for self-play, e.g. \'{"slippery": false}\'')
     # self-play data
@@ -660,6 +661,11 @@ def evaluate_world_model(model, tokenizer, examples, max_response_tokens, batch_
 # gradients, accumulated in other pieces) and how much it evaluates (a moved folder is not a
 # change: agent.settings_changed lets the recorded paths follow it)
 RESUME_MAY_CHANGE = ("save_every", "micro_batch_tokens", "eval_turns", "heldout_loss_turns")
+# What self-play does not read, so that until training has saved a state these may change too: a
+# folder's self-play data can be trained on with other training settings (a --max-length that
+# dropped every sequence, say) without playing again
+TRAINING_FLAGS = ("episodes", "loss_spans", "state_targets", "pack", "epochs", "max_train_tokens", "batch_size",
+                  "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "grad_clip", "max_length")
 
 
 def save_train_state(path, model, optimizer, step, epoch, batch_in_epoch):
@@ -689,7 +695,8 @@ def main(argv=None):
     config = agent.run_config(args)
     if any(os.path.isfile(path) for path in (state_path, data_path, os.path.join(args.out, SELFPLAY_STATE))):
         # resuming training or self-play, or reusing the self-play data: only with the same settings
-        changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
+        may_change = RESUME_MAY_CHANGE + (() if os.path.isfile(state_path) else TRAINING_FLAGS)
+        changed = agent.settings_changed(args.out, config, may_change,
                                          agent.default_run_config(parse_args, args, PRESETS))
         if changed:
             raise SystemExit(f"error: {args.out} holds an SFT run that these flags cannot continue ({changed}); "
@@ -742,7 +749,9 @@ def main(argv=None):
         tqdm.write(f"warning: {len(dropped)} of {len(train)} training turns are in sequences over --max-length "
                    f"{args.max_length} and are not trained on ({by_turn})", file=sys.stderr)
     if not encoded:
-        raise SystemExit(f"error: no training sequence fits in --max-length {args.max_length}")
+        raise SystemExit(f"error: no training sequence fits in --max-length {args.max_length}" +
+                         ("" if args.data else f"; the self-play data stays in {data_path}: run again with a "
+                                             f"larger --max-length to train on it"))
     total_steps = planned_steps(lengths, args)
     print(f"train: {len(train)} turns in {len(sequences)} sequences ({len(sequences) - len(encoded)} over "
           f"--max-length dropped), {sum(lengths)} tokens; held out: {len(heldout)} turns; {total_steps} steps",

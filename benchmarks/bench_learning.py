@@ -212,7 +212,7 @@ def parse_args(argv=None):
                              "that already plays well (README)")
     parser.add_argument("--out", help="folder for the runs and the report (default: runs/learning-ENV[-fixedN]"
                                       "[-klC when --kl-coef is not the mode's default][-oracleplay][-quick])")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the SFT stages, the first PPO seed")
+    parser.add_argument("--seed", type=agent.seed_int, default=0, help="seed of the SFT stages, the first PPO seed")
     args = agent.help_with_defaults(parser).parse_args(argv)
     if args.fixed_maps < 0:
         parser.error("--fixed-maps must be >= 0")

@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--max-response-tokens", type=int, default=agent.TINY_MAX_RESPONSE_TOKENS,
                         help="token budget per turn of the timed model rollout (the scripted rollouts of "
                              "the per-env tokens_per_turn_* figures use 400)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=agent.seed_int, default=0, help="sampling seed")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     seeds = list(range(10_000, 10_000 + args.env_groups))  # the first training seeds (SPEC §3)

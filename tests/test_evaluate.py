@@ -450,6 +450,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
                                                             "--max-context-tokens", "200"],
         "not a torch device": ["--env", "sokoban", "--policy", "random", "--device", "gpu"],
         "--val-seed-start must be >= 0": ["--env", "sokoban", "--policy", "random", "--val-seed-start", "-1"],
+        "a seed is a whole number": ["--env", "sokoban", "--policy", "random", "--seed", "-1"],  # the bootstrap's
         "not valid JSON": ["--env", "frozenlake", "--policy", "random", "--env-overrides", "{bad"],
         "a JSON object of settings": ["--env", "frozenlake", "--policy", "random", "--env-overrides", "[1]"],
         "set it with --render": ["--env", "frozenlake", "--policy", "random", "--env-overrides",

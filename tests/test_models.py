@@ -154,6 +154,16 @@ def test_load_errors_are_clear(tmp_path, tiny_dir):
     model.save_pretrained(small_vocab)
     with pytest.raises(agent.ModelLoadError, match=f"has {len(tokenizer)} tokens and the model's vocabulary"):
         agent.load_model(str(small_vocab))
+    # a file that parses but holds NaNs (corrupt bytes, or a diverged run's save) would fail mid-run in
+    # the sampler: refused at load, naming a tensor
+    not_finite = tmp_path / "not_finite"
+    shutil.copytree(tiny_dir, not_finite)
+    model, _ = agent.load_model(tiny_dir, device="cpu")
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(not_finite)
+    with pytest.raises(agent.ModelLoadError, match="not all finite: 1 tensors hold NaN or inf, model.layers.2.mlp"):
+        agent.load_model(str(not_finite))
 
 
 def test_a_model_id_fails_fast_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):

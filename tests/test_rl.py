@@ -840,6 +840,13 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     assert result.returncode == 2 and "--env-overrides" in result.stderr and "slipery" in result.stderr
     result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--worldmodel-reward", "0.1")
     assert result.returncode == 2 and "--mode worldmodel" in result.stderr
+    # --out given the checkpoint itself: its run_config.json (how it was trained) would be replaced
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, checkpoint)
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match="is a model checkpoint .* pass a new folder"):
+        rl.main(tiny_run(str(checkpoint), checkpoint))
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
     result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--train-puzzles", "-1")
     assert result.returncode == 2 and "--train-puzzles must be >= 0" in result.stderr
     result = run_cli("--env", "frozenlake", "--out", str(tmp_path), "--model", str(tmp_path / "missing"))
@@ -874,6 +881,8 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     (["--lam", "2"], "--gamma and --lam must be in [0, 1]"),
     (["--entropy-coef", "-0.1"], "--entropy-coef, --worldmodel-reward and --weight-decay must be >= 0"),
     (["--val-seed-start", "-5"], "--val-seed-start must be >= 0"),
+    (["--seed", "-1"], "a seed is a whole number from 0 to 2**63 - 1"),  # numpy's generators refuse it
+    (["--seed", str(2 ** 64)], "a seed is a whole number from 0 to 2**63 - 1"),  # torch's refuse it
     (["--max-response-tokens", "5000"], "--max-response-tokens must be below --max-context-tokens"),
     (["--env-overrides", "{bad"], "not valid JSON"),
     # the tiny preset keeps the states out of the policy loss, where a bonus for them could not reach them

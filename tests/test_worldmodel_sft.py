@@ -589,7 +589,7 @@ def test_a_crash_after_an_epochs_heldout_line_logs_it_once_on_resume(tmp_path, m
         agent.drop_metrics_after(str(tmp_path / "b" / "metrics.jsonl"), 1)
 
 
-def test_bad_input_gives_clear_errors(tmp_path, capsys):
+def test_bad_input_gives_clear_errors(tmp_path, tiny_dir, capsys):
     with pytest.raises(SystemExit):
         sft.main(SMALL + ["--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.jsonl")])
     assert "no such file" in capsys.readouterr().err
@@ -624,6 +624,7 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
                            (["--lr", "inf"], "must be a finite number"), (["--betas", "2", "2"], "0 <= --betas < 1"),
                            (["--env-groups", "3"], "--env-groups >= 5"), (["--group-size", "0"], "--group-size >= 1"),
                            (["--train-seed-start", "-5"], "--train-seed-start >= 0"),
+                           (["--seed", str(2 ** 64)], "a seed is a whole number from 0 to 2**63 - 1"),
                            (["--env-overrides", '{"render_mode": "grid"}'], "set it with --render"),
                            (["--env-overrides", '{"slippery": "false"}'], "slippery must be true or false")):
         with pytest.raises(SystemExit):
@@ -634,8 +635,21 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     warning = re.search(r"warning: (\d+) of (\d+) training turns are in sequences over --max-length 10 and are not "
                         r"trained on \(turn 1: (\d+)[^)]*\)", capsys.readouterr().err)
     assert warning and warning[1] == warning[2] and 0 < int(warning[3]) <= int(warning[1])
+    # until training has saved a state, the self-play data can be trained on with other training
+    # flags (here the learning rate; --max-length stays too small, so that nothing trains), not
+    # with other self-play flags
+    with pytest.raises(SystemExit, match="run again with a larger --max-length"):
+        sft.main(SMALL + ["--out", str(tmp_path / "t"), "--max-length", "10", "--lr", "3e-3"])
+    assert "dataset: " in capsys.readouterr().out  # read back, not played again
+    with pytest.raises(SystemExit, match=r"cannot continue \(group_size: 2 there, 3 now"):
+        sft.main(SMALL + ["--out", str(tmp_path / "t"), "--max-length", "10", "--group-size", "3"])
     with pytest.raises(SystemExit, match="no such folder"):
         sft.main(SMALL + ["--out", str(tmp_path / "z"), "--model", str(tmp_path / "no-model")])
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, checkpoint)
+    with pytest.raises(SystemExit, match="is a model checkpoint .* pass a new folder"):
+        sft.main(SMALL + ["--out", str(checkpoint), "--model", str(checkpoint)])
+    assert not (checkpoint / "dataset.jsonl").exists() and not (checkpoint / "model").exists()
     run = tmp_path / "w"
     run.mkdir()
     (run / "train_state.pt").write_bytes(b"truncated")
