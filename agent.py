@@ -1493,6 +1493,12 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
             before = json.load(f)
     except (OSError, ValueError) as e:
         return f"its run_config.json is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(before, dict):
+        return f"its run_config.json holds no settings (a JSON {type(before).__name__}, not an object)"
+    foreign = sorted(set(before) - set(config) - set(may_change))
+    if 2 * len(foreign) > len(before):  # another stage's folder, say
+        return (f"another script's run: {len(foreign)} of the {len(before)} settings in its run_config.json are "
+                f"not this script's ({', '.join(foreign[:3])}, ...)")
     moves = []  # (old folder, new folder): the run's own, then its parent
     if isinstance(before.get("out"), str):
         old, new = os.path.normpath(before["out"]), os.path.normpath(run_dir)

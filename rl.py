@@ -182,10 +182,10 @@ def parse_args(argv=None):
         problems.append("--train-puzzles must be >= 0 (0: new puzzles every step)")
     if not 0 < args.keep_groups <= 1:
         problems.append("--keep-groups must be in (0, 1]")
-    if min(args.env_groups, args.group_size, args.steps, args.mini_batch, args.ppo_epochs, args.max_turns,
-           args.val_puzzles, args.val_samples, args.max_response_tokens, args.max_context_tokens,
-           args.micro_batch_tokens) < 1:
-        problems.append("counts (--env-groups, --group-size, --steps, --mini-batch, ...) must be >= 1")
+    counts = ("env_groups", "group_size", "steps", "mini_batch", "ppo_epochs", "max_turns", "val_puzzles",
+              "val_samples", "max_response_tokens", "max_context_tokens", "micro_batch_tokens")
+    if below_one := ["--" + name.replace("_", "-") for name in counts if getattr(args, name) < 1]:
+        problems.append(f"{', '.join(below_one)} must be >= 1")
     if args.save_every < 1 or args.val_every < 0:
         problems.append("--save-every must be >= 1 and --val-every >= 0 (0: only at start and end)")
     if args.temperature <= 0:
@@ -800,7 +800,7 @@ def main(argv=None):
         changed = agent.settings_changed(args.out, config, RESUME_MAY_CHANGE,
                                          agent.default_run_config(parse_args, args, PRESETS))
         if changed:
-            raise SystemExit(f"error: {args.out} holds a PPO run that these flags cannot continue ({changed}); "
+            raise SystemExit(f"error: {args.out} holds a run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")
         with open(os.path.join(args.out, "run_config.json")) as f:
             ranks_before = json.load(f).get("world_size", world)

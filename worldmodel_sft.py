@@ -699,7 +699,7 @@ def main(argv=None):
         changed = agent.settings_changed(args.out, config, may_change,
                                          agent.default_run_config(parse_args, args, PRESETS))
         if changed:
-            raise SystemExit(f"error: {args.out} holds an SFT run that these flags cannot continue ({changed}); "
+            raise SystemExit(f"error: {args.out} holds a run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete the folder to start over")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     agent.write_json(os.path.join(args.out, "run_config.json"), config)

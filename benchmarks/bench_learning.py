@@ -314,4 +314,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    agent.run_script(main, "Run the same command to continue: finished stages are kept, and the interrupted "
+                           "one resumes from its last save.")

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,6 +210,21 @@ def test_paths_inside_a_moved_or_renamed_run_folder_follow_it(tmp_path, monkeypa
         is None
     assert agent.settings_changed("copy/rl2", {"out": "copy/rl2", "model": "copy/sft-2/model", "env": "sokoban"}) \
         == "env: 'frozenlake' there, 'sokoban' now; model: 'sft/model' there, 'copy/sft-2/model' now"
+
+
+def test_a_run_folder_of_another_stage_or_with_no_settings_is_said_to_be_so(tmp_path):
+    import rl
+    import worldmodel_sft
+    sft_args = worldmodel_sft.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", str(tmp_path)])
+    agent.write_json(str(tmp_path / "run_config.json"), agent.run_config(sft_args))
+    rl_config = agent.run_config(rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", str(tmp_path)]))
+    assert re.fullmatch(r"another script's run: \d+ of the \d+ settings in its run_config\.json are not this "
+                        r"script's \(batch_size, batches, behaviour, \.\.\.\)",
+                        agent.settings_changed(str(tmp_path), rl_config, rl.RESUME_MAY_CHANGE))
+    assert agent.settings_changed(str(tmp_path), agent.run_config(sft_args)) is None
+    (tmp_path / "run_config.json").write_text("[1, 2]")
+    assert agent.settings_changed(str(tmp_path), rl_config) == \
+        "its run_config.json holds no settings (a JSON list, not an object)"
 
 
 def test_bad_flags_fail_with_one_line():

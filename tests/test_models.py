@@ -305,3 +305,11 @@ def test_a_script_interrupted_says_how_to_continue(capsys):
         agent.run_script(interrupted_main, "Run the same command to continue.")
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted. Run the same command to continue."
+
+
+@pytest.mark.parametrize("script", ["worldmodel_sft.py", "rl.py", "evaluate.py", "benchmarks/bench_learning.py"])
+def test_every_resumable_script_runs_its_main_through_run_script(script):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = open(os.path.join(root, script)).read()
+    entry = source[source.index('if __name__ == "__main__":'):]
+    assert entry.split("\n")[1].strip().startswith("agent.run_script(main, ")

@@ -871,6 +871,7 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--ppo-epochs", "0", "--max-turns", "-1"], "--ppo-epochs, --max-turns must be >= 1"),
     (["--val-every", "-1"], "--val-every >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--keep-groups", "1.5"], "--keep-groups must be in (0, 1]"),
