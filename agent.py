@@ -297,8 +297,17 @@ def _local_files_only(name_or_path):
     return os.path.isdir(name_or_path) or not hub_reachable()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one of them holds a vocabulary
+
+
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if os.path.isfile(os.path.join(name_or_path, "config.json")) and \
+            not any(os.path.isfile(os.path.join(name_or_path, name)) for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the model's config and fail later, elsewhere
+        raise ModelLoadError(f"cannot load the tokenizer from folder {name_or_path!r}: it has no tokenizer files "
+                             f"({', '.join(TOKENIZER_FILES)}); a checkpoint folder needs its tokenizer saved beside "
+                             f"the weights")
     try:
         if _declares_generic_tokenizer(name_or_path):
             # transformers 5 rebuilds the pre-tokenizer of every checkpoint whose config says

@@ -350,6 +350,9 @@ def checkpoint_settings(path, args):
                 run_config = json.load(f)
         except ValueError as e:
             raise SystemExit(f"error: {path}/run_config.json is not valid JSON ({e})") from None
+    trained_on = run_config.get("env")
+    if trained_on in envs.ENVS and not args.all_envs and trained_on != args.env:  # allowed: a transfer test
+        print(f"warning: {path} was trained on {trained_on}; it plays {args.env} here", file=sys.stderr, flush=True)
     valid = {"instruction": agent.INSTRUCTIONS, "mode": agent.MODES, "render": envs.RENDER_MODES}
     settings = dict(TINY_SETTINGS if run_config.get("preset") == "tiny" else PAPER_SETTINGS)
     for key in settings:

@@ -427,6 +427,16 @@ def test_too_small_a_context_names_the_smallest_that_fits(tmp_path, capsys, tiny
 # -----------------------------------------------------------------------------
 # Bad input: one line, before any work
 
+def test_a_checkpoint_trained_on_another_env_is_played_with_a_warning(tmp_path, tiny_dir, capsys):
+    checkpoint = tmp_path / "frozenlake-model"
+    shutil.copytree(tiny_dir, checkpoint)
+    agent.write_json(str(checkpoint / "run_config.json"), {"env": "frozenlake", "preset": "tiny"})
+    for env_name, warned in (("sokoban", True), ("frozenlake", False)):
+        ev.checkpoint_settings(str(checkpoint), ev.parse_args(["--env", env_name, "--model", str(checkpoint)]))
+        err = capsys.readouterr().err
+        assert (f"warning: {checkpoint} was trained on frozenlake; it plays sokoban here" in err) == warned
+
+
 def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
     no_template = tmp_path / "no_template"
     shutil.copytree(tiny_dir, no_template)

@@ -136,6 +136,11 @@ def test_load_errors_are_clear(tmp_path, tiny_dir):
     config_path.write_text(json.dumps(config))
     with pytest.raises(agent.ModelLoadError, match="chat template"):
         agent.load_model(str(no_template))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_dir, no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    with pytest.raises(agent.ModelLoadError, match="it has no tokenizer files"):
+        agent.load_model(str(no_tokenizer))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(agent.ModelLoadError, match="cannot load"):
