@@ -1382,8 +1382,8 @@ def read_jsonl(path):
             try:
                 rows.append(json.loads(line))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                raise SystemExit(f"error: {path}: line {number} is not JSON; move the file away to start afresh") \
-                    from None
+                raise SystemExit(f"error: {path}: line {number} is not JSON; delete that line to keep the other "
+                                 f"rows, or move the file away to start afresh") from None
     try:
         row = json.loads(last) if last.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError):

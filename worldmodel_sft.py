@@ -164,6 +164,10 @@ def parse_args(argv=None):
         (args.heldout_loss_turns >= 0, "--heldout-loss-turns >= 0")]
     if needs := [need for ok, need in checks if not ok]:
         parser.error("need " + ", ".join(needs))
+    if args.data is not None and os.path.isdir(args.data):
+        inside = os.path.join(args.data, "dataset.jsonl")
+        parser.error(f"--data {args.data} is a folder" + (f"; did you mean {inside}?" if os.path.isfile(inside) else
+                                                          ", not a dataset.jsonl file"))
     if args.data is not None and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
     if problem := agent.env_overrides_problem(args.env, args.env_overrides):

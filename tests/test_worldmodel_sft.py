@@ -585,7 +585,7 @@ def test_a_crash_after_an_epochs_heldout_line_logs_it_once_on_resume(tmp_path, m
     # a line that is not JSON before the last one is not a crash's half line: a clear error
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write("garbage\n")
-    with pytest.raises(SystemExit, match=r"line \d+ is not JSON"):
+    with pytest.raises(SystemExit, match=r"line \d+ is not JSON; delete that line to keep the other rows"):
         agent.drop_metrics_after(str(tmp_path / "b" / "metrics.jsonl"), 1)
 
 
@@ -593,6 +593,11 @@ def test_bad_input_gives_clear_errors(tmp_path, tiny_dir, capsys):
     with pytest.raises(SystemExit):
         sft.main(SMALL + ["--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.jsonl")])
     assert "no such file" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "dataset.jsonl").write_text("")
+    with pytest.raises(SystemExit):  # a run folder given for its dataset
+        sft.main(SMALL + ["--out", str(tmp_path / "x"), "--data", str(tmp_path / "run")])
+    assert f"is a folder; did you mean {tmp_path / 'run' / 'dataset.jsonl'}?" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.jsonl"
     corrupt.write_text('{"env": "frozenlake"}\nnot json\n')
     with pytest.raises(SystemExit, match="lacks"):
