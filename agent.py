@@ -297,17 +297,8 @@ def _local_files_only(name_or_path):
     return os.path.isdir(name_or_path) or not hub_reachable()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one of them holds a vocabulary
-
-
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    if os.path.isfile(os.path.join(name_or_path, "config.json")) and \
-            not any(os.path.isfile(os.path.join(name_or_path, name)) for name in TOKENIZER_FILES):
-        # transformers would build an empty tokenizer from the model's config and fail later, elsewhere
-        raise ModelLoadError(f"cannot load the tokenizer from folder {name_or_path!r}: it has no tokenizer files "
-                             f"({', '.join(TOKENIZER_FILES)}); a checkpoint folder needs its tokenizer saved beside "
-                             f"the weights")
     try:
         if _declares_generic_tokenizer(name_or_path):
             # transformers 5 rebuilds the pre-tokenizer of every checkpoint whose config says
@@ -320,6 +311,11 @@ def load_tokenizer(name_or_path):
                                                       local_files_only=_local_files_only(name_or_path))
     except Exception as e:  # OSError (missing / offline), ValueError, json or safetensors errors (corrupt)
         raise ModelLoadError(load_failure(name_or_path, "tokenizer", e)) from e
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        # a folder without its tokenizer files: transformers builds an empty tokenizer of the class the
+        # model's config names, which would fail later, elsewhere (on the chat template, say)
+        raise ModelLoadError(f"the tokenizer of {name_or_path!r} holds no vocabulary, only {len(tokenizer)} special "
+                             f"tokens: are its tokenizer files (tokenizer.json, vocab.json, ...) missing?")
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"the tokenizer of {name_or_path!r} has no chat template; SPA's prompts "
                              f"are chats (use an instruct model or a checkpoint saved by this project)")
@@ -365,7 +361,12 @@ def load_model(name_or_path, device=None, dtype=None):
 
 def load_failure(name_or_path, what, error):
     """The one line a user sees for a checkpoint that cannot be loaded: what was given, and the likely fix."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    first_line = lines[0]
+    for line in lines[1:]:  # a first line that ends in ':' says nothing without what follows
+        if not first_line.endswith((":", ",")) or len(first_line) > 200:
+            break
+        first_line += " " + line
     if os.path.isfile(name_or_path):
         return f"cannot load the {what}: {name_or_path!r} is a file, not a checkpoint folder"
     if os.path.isfile(os.path.join(name_or_path, "model", "config.json")):  # a run folder given for its model
@@ -1504,10 +1505,8 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
         return f"its run_config.json is unreadable ({type(e).__name__}: {e})"
     if not isinstance(before, dict):
         return f"its run_config.json holds no settings (a JSON {type(before).__name__}, not an object)"
-    foreign = sorted(set(before) - set(config) - set(may_change))
-    if 2 * len(foreign) > len(before):  # another stage's folder, say
-        return (f"another script's run: {len(foreign)} of the {len(before)} settings in its run_config.json are "
-                f"not this script's ({', '.join(foreign[:3])}, ...)")
+    if foreign := _another_scripts_settings(before, config, may_change):
+        return foreign
     moves = []  # (old folder, new folder): the run's own, then its parent
     if isinstance(before.get("out"), str):
         old, new = os.path.normpath(before["out"]), os.path.normpath(run_dir)
@@ -1531,6 +1530,28 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
                for key in sorted(set(recorded) | set(now))
                if key not in may_change and not agree(recorded.get(key), now.get(key))]
     return "; ".join(changed) or None
+
+
+def _another_scripts_settings(before, config, may_change):
+    """What says that recorded settings (a run_config.json) are another script's: most of them are
+    not flags of the script whose settings are config. None when they may be its own."""
+    foreign = sorted(set(before) - set(config) - set(may_change))
+    if 2 * len(foreign) > len(before):
+        return (f"another script's run: {len(foreign)} of the {len(before)} settings in its run_config.json are "
+                f"not this script's ({', '.join(foreign[:3])}, ...)")
+    return None
+
+
+def another_scripts_run(run_dir, config, may_change=()):
+    """settings_changed's test for a folder of another stage, alone: a stage starting afresh in a
+    folder checks this before it writes its run_config.json over that run's (which could then never
+    resume). None when there is no readable run_config.json there or it may be this script's."""
+    try:
+        with open(os.path.join(run_dir, "run_config.json")) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return _another_scripts_settings(before, config, may_change) if isinstance(before, dict) else None
 
 
 def env_overrides_problem(env_name, overrides):

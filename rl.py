@@ -454,15 +454,19 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
+# |log-ratio| at most this before exp (PPO's ratio, the KL estimator): e^20 is far past any trust
+# region, and exp of a larger one overflows to inf in float32 at 88
+MAX_LOG_RATIO = 20.0
+
+
 def policy_loss_terms(logp, old_logp, advantages, clip_low, clip_high):
     """PPO's clipped surrogate per token, and which tokens the clip bound: (loss, clipped_low, clipped_high).
     The ratio may move to 1 - clip_low below and 1 + clip_high above (asymmetric: more room for
-    raising the probability of a good but unlikely token). The log-ratio is clamped to +-20, as
-    kl_terms' is: beyond it exp overflows to inf, and inf x an advantage of 0 (a token out of the
-    policy loss, such as a state under --no-state-loss) is NaN, which the mask's 0 does not remove
-    from the token mean. A token past the clamp, e^20 times likelier or less likely than when it
-    was sampled, gets no gradient from this term."""
-    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    raising the probability of a good but unlikely token). The log-ratio is clamped to
+    MAX_LOG_RATIO, as kl_terms' is: unclamped, exp overflows to inf, and inf x an advantage of 0 (a
+    token out of the policy loss, such as a state under --no-state-loss) is NaN, which the mask's 0
+    does not remove from the token mean. A token past the clamp gets no gradient from this term."""
+    ratio = torch.exp((logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     bound = clipped > unclipped
@@ -481,7 +485,7 @@ def kl_terms(logp, ref_logp):
     """Per-token KL(policy || reference), the non-negative low-variance estimator (k3)."""
     # numerical guards: the log-ratio clamp keeps exp from overflowing, and the cap keeps one token's
     # runaway KL from dominating the token mean (a capped token gets no gradient from this term)
-    log_ratio = (ref_logp - logp).clamp(-20, 20)
+    log_ratio = (ref_logp - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
 
 
@@ -661,12 +665,14 @@ def memory_plan(n_params, config, args, device, world):
     resolve), their AdamW moments (8 bytes per parameter each, unless --offload-optimizer keeps
     them in CPU memory outside the update), the sampler's bf16 copy and the reference model.
     The rollout adds the KV cache (every sequence at the context budget: an upper bound; validation
-    plays in batches no larger than the rollout's, see validation_batches); the
-    update adds gradients and the LM head's logits for one micro-batch (fp32, with the
-    log-softmax and its gradient), but not the layers' activations (see --grad-checkpointing)."""
+    plays in batches no larger than the rollout's, or of one puzzle's --val-samples where those are
+    more, see validation_batches); the update adds gradients and the LM head's logits for one
+    micro-batch (fp32, with the log-softmax and its gradient), but not the layers' activations (see
+    --grad-checkpointing)."""
     gb = 1e9
     rollout_bytes = 2 if sampler_dtype(args, device) == torch.bfloat16 else 4
-    sequences = args.env_groups * args.group_size // world
+    # a validation batch is at least one puzzle's samples, which can outnumber a step's rollout
+    sequences = max(args.env_groups * args.group_size // world, args.val_samples)
     weights = 2 * 4 * n_params / gb  # actor and critic, fp32
     moments = 2 * 8 * n_params / gb
     reference_bytes = 2 if device.type == "cuda" else 4  # agent.load_model's default dtype
@@ -684,11 +690,14 @@ def memory_plan(n_params, config, args, device, world):
 
 
 def move_optimizer_state(optimizer, device):
-    """Move AdamW's moments (2 x 4 bytes per parameter) to the device or to CPU memory."""
+    """Move AdamW's moments (2 x 4 bytes per parameter) to the device or to CPU memory. Only the
+    copy to the device may be asynchronous: a CPU tensor copied from the device without waiting
+    could be read (by torch.save, at a checkpoint) before the copy has landed."""
+    asynchronous = torch.device(device).type != "cpu"
     for state in optimizer.state.values():
         for key, value in state.items():
             if torch.is_tensor(value) and key != "step":
-                state[key] = value.to(device, non_blocking=True)
+                state[key] = value.to(device, non_blocking=asynchronous)
 
 
 def save_train_state(path, actor, critic, actor_opt, critic_opt, step):
@@ -802,6 +811,8 @@ def main(argv=None):
         if changed:
             raise SystemExit(f"error: {args.out} holds a run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")
+    elif foreign := agent.another_scripts_run(args.out, config, RESUME_MAY_CHANGE):
+        raise SystemExit(f"error: {args.out} holds {foreign}; use another --out")
         with open(os.path.join(args.out, "run_config.json")) as f:
             ranks_before = json.load(f).get("world_size", world)
         if is_main and ranks_before != world:

@@ -705,6 +705,8 @@ def main(argv=None):
         if changed:
             raise SystemExit(f"error: {args.out} holds a run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete the folder to start over")
+    elif foreign := agent.another_scripts_run(args.out, config, RESUME_MAY_CHANGE):
+        raise SystemExit(f"error: {args.out} holds {foreign}; use another --out")
     print(json.dumps(config, indent=2, sort_keys=True), flush=True)
     agent.write_json(os.path.join(args.out, "run_config.json"), config)
     torch.manual_seed(args.seed)  # every other draw has a generator of its own, seeded from --seed

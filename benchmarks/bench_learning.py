@@ -220,6 +220,8 @@ def parse_args(argv=None):
         args.ppo_seeds = 3 if args.fixed_maps else 1
     if args.ppo_seeds < 1:
         parser.error("--ppo-seeds must be >= 1")
+    if args.seed + args.ppo_seeds > 2 ** 63:  # the last PPO run's seed is a seed too (agent.seed_int)
+        parser.error("--seed + --ppo-seeds - 1 must be below 2**63 (the last PPO run's seed)")
     if args.kl_coef is not None and not args.kl_coef >= 0:
         parser.error("--kl-coef must be >= 0")
     mode_kl_coef = FIXED_MAPS_KL_COEF if args.fixed_maps else None

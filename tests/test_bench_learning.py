@@ -222,6 +222,13 @@ def test_a_run_folder_of_another_stage_or_with_no_settings_is_said_to_be_so(tmp_
                         r"script's \(batch_size, batches, behaviour, \.\.\.\)",
                         agent.settings_changed(str(tmp_path), rl_config, rl.RESUME_MAY_CHANGE))
     assert agent.settings_changed(str(tmp_path), agent.run_config(sft_args)) is None
+    # PPO starting afresh there (no train_state.pt: the SFT is still playing, say) would write its
+    # run_config.json over the SFT's, which could then never resume
+    recorded = (tmp_path / "run_config.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"holds another script's run: \d+ of the \d+ settings"):
+        rl.main(["--env", "frozenlake", "--preset", "tiny", "--out", str(tmp_path)])
+    assert (tmp_path / "run_config.json").read_bytes() == recorded
+    assert agent.another_scripts_run(str(tmp_path), agent.run_config(sft_args)) is None
     (tmp_path / "run_config.json").write_text("[1, 2]")
     assert agent.settings_changed(str(tmp_path), rl_config) == \
         "its run_config.json holds no settings (a JSON list, not an object)"
@@ -229,6 +236,7 @@ def test_a_run_folder_of_another_stage_or_with_no_settings_is_said_to_be_so(tmp_
 
 def test_bad_flags_fail_with_one_line():
     for flags, message in ((["--fixed-maps", "-1"], "--fixed-maps must be >= 0"),
+                           (["--seed", str(2 ** 63 - 1), "--ppo-seeds", "2"], "below 2**63 (the last PPO run's seed)"),
                            (["--ppo-seeds", "0"], "--ppo-seeds must be >= 1"),
                            (["--kl-coef", "-0.1"], "--kl-coef must be >= 0")):
         result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), *flags],

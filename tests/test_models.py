@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import re
+import runpy
 import shutil
 import socket
 
@@ -139,7 +140,10 @@ def test_load_errors_are_clear(tmp_path, tiny_dir):
     no_tokenizer = tmp_path / "no_tokenizer"
     shutil.copytree(tiny_dir, no_tokenizer)
     os.remove(no_tokenizer / "tokenizer.json")
-    with pytest.raises(agent.ModelLoadError, match="it has no tokenizer files"):
+    with pytest.raises(agent.ModelLoadError, match="backend tokenizer from one of: .1. a `tokenizers` library"):
+        agent.load_model(str(no_tokenizer))  # the message goes on past transformers' first line
+    os.remove(no_tokenizer / "tokenizer_config.json")  # now the class comes from config.json: Qwen2's, empty
+    with pytest.raises(agent.ModelLoadError, match="holds no vocabulary, only 1 special tokens: are its tokenizer"):
         agent.load_model(str(no_tokenizer))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -313,8 +317,9 @@ def test_a_script_interrupted_says_how_to_continue(capsys):
 
 
 @pytest.mark.parametrize("script", ["worldmodel_sft.py", "rl.py", "evaluate.py", "benchmarks/bench_learning.py"])
-def test_every_resumable_script_runs_its_main_through_run_script(script):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = open(os.path.join(root, script)).read()
-    entry = source[source.index('if __name__ == "__main__":'):]
-    assert entry.split("\n")[1].strip().startswith("agent.run_script(main, ")
+def test_every_resumable_script_runs_its_main_through_run_script(script, monkeypatch):
+    calls = []  # run as a script, with run_script recording what it is given instead of running it
+    monkeypatch.setattr(agent, "run_script", lambda main, on_interrupt: calls.append((main, on_interrupt)))
+    namespace = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script),
+                               run_name="__main__")
+    assert len(calls) == 1 and calls[0][0] is namespace["main"] and "the same command" in calls[0][1]

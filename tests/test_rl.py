@@ -927,6 +927,12 @@ def test_memory_plan_of_the_paper_configuration():
     assert offloaded["update phase (+ activations)"] == plan["update phase (+ activations)"]
     assert rl.memory_plan(n, config, args, torch.device("cuda"), 2)["kv cache (rollout)"] == \
         pytest.approx(plan["kv cache (rollout)"] / 2, abs=0.01)
+    # one validation puzzle's samples, more than a step's rollout on 32 ranks (8 sequences each): the cache's size
+    assert rl.memory_plan(n, config, args, torch.device("cuda"), 32)["kv cache (rollout)"] == \
+        pytest.approx(plan["kv cache (rollout)"] / 32, abs=0.01)
+    many_samples = rl.parse_args(["--env", "sokoban", "--out", "x", "--val-samples", "32"])
+    assert rl.memory_plan(n, config, many_samples, torch.device("cuda"), 32)["kv cache (rollout)"] == \
+        pytest.approx(plan["kv cache (rollout)"] / 8, abs=0.01)
 
 
 def test_every_switch_runs_end_to_end(tiny_dir, tmp_path):
