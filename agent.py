@@ -1495,16 +1495,9 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
     folder, whose stages point into each other): a path recorded inside the old folder, or inside
     its old parent, agrees with the same path inside the new one. A path outside them must be
     the same path."""
-    path = os.path.join(run_dir, "run_config.json")
-    if not os.path.isfile(path):
-        return "no run_config.json there records its settings"
-    try:
-        with open(path) as f:
-            before = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"its run_config.json is unreadable ({type(e).__name__}: {e})"
-    if not isinstance(before, dict):
-        return f"its run_config.json holds no settings (a JSON {type(before).__name__}, not an object)"
+    before, problem = _recorded_settings(run_dir)
+    if problem:
+        return problem
     if foreign := _another_scripts_settings(before, config, may_change):
         return foreign
     moves = []  # (old folder, new folder): the run's own, then its parent
@@ -1532,6 +1525,21 @@ def settings_changed(run_dir, config, may_change=(), defaults=None):
     return "; ".join(changed) or None
 
 
+def _recorded_settings(run_dir):
+    """(settings, None) from run_dir's run_config.json, or (None, why there are none)."""
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return None, "no run_config.json there records its settings"
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"its run_config.json is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(before, dict):
+        return None, f"its run_config.json holds no settings (a JSON {type(before).__name__}, not an object)"
+    return before, None
+
+
 def _another_scripts_settings(before, config, may_change):
     """What says that recorded settings (a run_config.json) are another script's: most of them are
     not flags of the script whose settings are config. None when they may be its own."""
@@ -1546,12 +1554,8 @@ def another_scripts_run(run_dir, config, may_change=()):
     """settings_changed's test for a folder of another stage, alone: a stage starting afresh in a
     folder checks this before it writes its run_config.json over that run's (which could then never
     resume). None when there is no readable run_config.json there or it may be this script's."""
-    try:
-        with open(os.path.join(run_dir, "run_config.json")) as f:
-            before = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return _another_scripts_settings(before, config, may_change) if isinstance(before, dict) else None
+    before, _ = _recorded_settings(run_dir)
+    return None if before is None else _another_scripts_settings(before, config, may_change)
 
 
 def env_overrides_problem(env_name, overrides):
