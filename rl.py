@@ -811,14 +811,14 @@ def main(argv=None):
         if changed:
             raise SystemExit(f"error: {args.out} holds a run that these flags cannot continue ({changed}); "
                              f"use another --out, or delete {state_path} to start over")
-    elif foreign := agent.another_scripts_run(args.out, config, RESUME_MAY_CHANGE):
-        raise SystemExit(f"error: {args.out} holds {foreign}; use another --out")
         with open(os.path.join(args.out, "run_config.json")) as f:
             ranks_before = json.load(f).get("world_size", world)
         if is_main and ranks_before != world:
             print(f"warning: resuming a run of {ranks_before} ranks on {world}: each rank samples and shuffles with "
                   f"its own random stream, so the run continues, but not as it would have on {ranks_before}",
                   file=sys.stderr, flush=True)
+    elif foreign := agent.another_scripts_run(args.out, config, RESUME_MAY_CHANGE):
+        raise SystemExit(f"error: {args.out} holds {foreign}; use another --out")
     torch.manual_seed(args.seed)
 
     # models: the actor and the critic start from the same checkpoint (fp32 master weights;
