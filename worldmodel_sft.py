@@ -59,7 +59,7 @@ PRESETS = {
     # and Sokoban train on whole episodes (--pack: every turn's loss at about 40% of the compute of
     # one sequence per turn), 4 a step at lr 1e-3: the copy of a state emerges abruptly after
     # enough optimiser steps, and this gets the most steps into the budget. FrozenLake plays 18
-    # batches (its episodes are shorter), Sokoban 12: 10 to 18 minutes each on a 2-core CPU, by machine
+    # batches (its episodes are shorter), Sokoban 12: 10 to 21 minutes each on a 2-core CPU, by machine
     # (README). Sudoku keeps 16 single turns a step at 2e-3, and a cap of 6M trained tokens that ends its
     # run within a CPU budget (the preset's first settings; not retuned since).
     "tiny": dict(model=None, behaviour="random", env_groups=64, group_size=8,
