@@ -671,8 +671,8 @@ def memory_plan(n_params, config, args, device, world):
     --grad-checkpointing)."""
     gb = 1e9
     rollout_bytes = 2 if sampler_dtype(args, device) == torch.bfloat16 else 4
-    # a validation batch is at least one puzzle's samples, which can outnumber a step's rollout
-    sequences = max(args.env_groups * args.group_size // world, args.val_samples)
+    # the larger of a step's rollout and a validation batch (at least one puzzle's samples, which can outnumber it)
+    sequences = max(args.env_groups * args.group_size // world, validation_batches(args, world) * args.val_samples)
     weights = 2 * 4 * n_params / gb  # actor and critic, fp32
     moments = 2 * 8 * n_params / gb
     reference_bytes = 2 if device.type == "cuda" else 4  # agent.load_model's default dtype
