@@ -125,7 +125,7 @@ def main():
     parser.add_argument("--batch", type=int, default=64, help="prompts per batch")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (best is kept)")
-    args = parser.parse_args()
+    args = agent.help_with_defaults(parser).parse_args()
     torch.manual_seed(0)
     device = agent.default_device()
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -224,11 +224,14 @@ def parse_args(argv=None):
         parser.error("--seed + --ppo-seeds - 1 must be below 2**63 (the last PPO run's seed)")
     if args.kl_coef is not None and not args.kl_coef >= 0:
         parser.error("--kl-coef must be >= 0")
+    # the KL coefficient PPO runs with when --kl-coef is not given: --fixed-maps' own (passed on), or
+    # else rl.py's tiny preset's (no penalty; not passed on). The folder's name says a departure from it.
     mode_kl_coef = FIXED_MAPS_KL_COEF if args.fixed_maps else None
+    runs_kl_coef = mode_kl_coef if args.fixed_maps else rl.parse_args(["--env", args.env, "--preset", "tiny"]).kl_coef
     if args.out is None:
         args.out = os.path.join("runs", f"learning-{args.env}" + (f"-fixed{args.fixed_maps}" if args.fixed_maps
                                                                   else "")
-                                + (f"-kl{args.kl_coef:g}" if args.kl_coef not in (None, mode_kl_coef) else "")
+                                + (f"-kl{args.kl_coef:g}" if args.kl_coef not in (None, runs_kl_coef) else "")
                                 + ("-oracleplay" if args.behaviour == "oracle" else "")
                                 + ("-quick" if args.quick else ""))
     if args.kl_coef is None:

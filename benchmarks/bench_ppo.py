@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2, help="PPO steps; the last one is reported")
     parser.add_argument("--max-response-tokens", type=int, help="per turn (default: the preset's)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="rl.py --grad-checkpointing")
-    args = parser.parse_args()
+    args = agent.help_with_defaults(parser).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = agent.build_tiny_model(os.path.join(tmp, "tiny"), seed=0)
         preset = "tiny"

@@ -48,7 +48,7 @@ def main():
                         help="token budget per turn of the timed model rollout (the scripted rollouts of "
                              "the per-env tokens_per_turn_* figures use 400)")
     parser.add_argument("--seed", type=agent.seed_int, default=0, help="sampling seed")
-    args = parser.parse_args()
+    args = agent.help_with_defaults(parser).parse_args()
     torch.manual_seed(args.seed)
     seeds = list(range(10_000, 10_000 + args.env_groups))  # the first training seeds (SPEC §3)
     settings = dict(mode="worldmodel", render="coords", instruction="short",

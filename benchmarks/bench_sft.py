@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--episodes", type=int, default=512, help="self-play episodes per env")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--batch-size", type=int, default=16, help="conversations per step")
-    args = parser.parse_args()
+    args = agent.help_with_defaults(parser).parse_args()
     torch.manual_seed(0)
     device = agent.default_device()
     with tempfile.TemporaryDirectory() as tmp:

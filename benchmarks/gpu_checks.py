@@ -146,9 +146,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for gpu_checks.jsonl and gpu_checks.log (default: $OUT, else "
                                       "runs/gpu-checks)")
-    parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks to run, in this order")
-    parser.add_argument("--budget-s", type=float, default=540, help="seconds for all the checks together")
-    parser.add_argument("--min-slot-s", type=float, default=30, help="skip a check when less than this is left")
+    parser.add_argument("--checks", default=",".join(CHECKS),
+                        help="comma-separated checks to run, in this order (default: %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="seconds for all the checks together (default: %(default)g)")
+    parser.add_argument("--min-slot-s", type=float, default=30,
+                        help="skip a check when less than this is left (default: %(default)g)")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a CUDA device (the CPU halves)")
     parser.add_argument("--list", action="store_true", help="print the checks and their limits, run nothing")
     args = parser.parse_args(argv)

@@ -120,6 +120,7 @@ def test_fixed_maps_default_to_a_kl_penalty_and_the_folder_names_a_departure_fro
         return args.kl_coef, args.out
     assert parsed() == (None, os.path.join("runs", "learning-frozenlake"))  # the tiny preset's: no reference model
     assert parsed("--fixed-maps", "8") == (0.1, os.path.join("runs", "learning-frozenlake-fixed8"))
+    assert parsed("--kl-coef", "0") == (0.0, os.path.join("runs", "learning-frozenlake"))  # what it runs with anyway
     assert parsed("--fixed-maps", "8", "--kl-coef", "0") == (0.0, os.path.join("runs",
                                                                                "learning-frozenlake-fixed8-kl0"))
     assert parsed("--env", "sokoban", "--kl-coef", "0.1", "--quick") == (0.1, os.path.join(

@@ -1,6 +1,7 @@
 """The benchmark scripts run with no arguments and end with one JSON line (SPEC §9)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,6 +28,8 @@ def test_every_script_answers_help_without_running(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          check=True)
     assert out.stdout.startswith("usage:") and "--help" in out.stdout
+    if set(re.findall(r"^  (--[\w-]+)", out.stdout, re.M)) - {"--help"}:  # a script with flags shows their defaults
+        assert "(default: " in out.stdout
 
 
 def test_bench_envs_figures():
