@@ -720,6 +720,11 @@ def stop_token_ids(tokenizer):
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 
+# The lowest sampling temperature taken (0 is greedy): far below any that samples usefully (the
+# paper samples at 1), far above where logits / temperature overflows float32 (1e-40 does).
+MIN_TEMPERATURE = 1e-3
+
+
 def _pick_tokens(logits, temperature, top_p, top_k, generator):
     """Next token per row from (b, V) fp32 logits; greedy when temperature == 0."""
     if temperature == 0:
@@ -827,6 +832,9 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         raise ValueError("every prompt needs at least one token")
     if len(budgets) != n or min(budgets) < 1:
         raise ValueError("max_new_tokens must be >= 1: one value, or one per prompt")
+    if not (temperature == 0 or temperature >= MIN_TEMPERATURE) or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature 0 (greedy) or >= {MIN_TEMPERATURE}, 0 < top_p <= 1 and top_k >= 0; "
+                         f"got temperature {temperature}, top_p {top_p}, top_k {top_k}")
     if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
         raise ValueError(f"agent.sample needs a model with SDPA attention, not "
                          f"{model.config._attn_implementation!r} (load it with agent.load_model)")
@@ -891,7 +899,9 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         tempered = logits / temperature if temperature > 0 else logits
         logprob = torch.log_softmax(tempered, -1).gather(-1, picked[:, None]).squeeze(-1)  # (b,)
         ended = torch.isin(picked, stop)
-        token_list, logprob_list, ended_list = picked.tolist(), logprob.tolist(), ended.tolist()  # one sync
+        # one read back to the host a step (token ids are exact in float64)
+        token_list, logprob_list, ended_list = torch.stack([picked.double(), logprob.double(), ended.double()]).tolist()
+        token_list, ended_list = [int(t) for t in token_list], [e > 0 for e in ended_list]
         for b, (prompt_index, row_live) in enumerate(zip(rows, live.tolist())):
             if row_live:
                 out_tokens[prompt_index].append(token_list[b])
@@ -1110,8 +1120,8 @@ def _play_turn(ep, turn, response, mode, max_actions_per_turn, format_penalty, s
               "prediction": parsed["prediction"], "actions": parsed["actions"], "executed": [],
               "invalid_actions": [], "env_reward": 0.0, "pieces": [env.pieces()]}
     for action in parsed["actions"]:
-        if env.done:
-            break  # the episode ended mid-turn (success, a hole, or the action budget)
+        if env.done:  # the episode ended mid-turn (success, a hole, or the action budget): the
+            break      # actions left go unjudged (no env can say whether they were valid), unpenalised
         _, reward, _, info = env.step(action)
         record["env_reward"] += reward
         (record["executed"] if info["action_is_valid"] else record["invalid_actions"]).append(action)

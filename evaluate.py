@@ -142,8 +142,8 @@ def parse_args(argv=None):
         parser.error(f"--k must be in 1..--samples ({args.samples}): pass@k needs k <= n samples")
     if args.max_response_tokens is not None and args.max_response_tokens < 1:
         parser.error("--max-response-tokens must be >= 1")
-    if args.max_context_tokens < 1 or args.temperature < 0:
-        parser.error("--max-context-tokens must be >= 1 and --temperature >= 0 (0: greedy)")
+    if args.max_context_tokens < 1 or not (args.temperature == 0 or args.temperature >= agent.MIN_TEMPERATURE):
+        parser.error(f"--max-context-tokens must be >= 1 and --temperature 0 (greedy) or >= {agent.MIN_TEMPERATURE}")
     if args.val_seed_start < 0:
         parser.error("--val-seed-start must be >= 0 (puzzle seeds)")
     if args.device is not None:

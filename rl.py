@@ -117,7 +117,8 @@ def parse_args(argv=None):
       help="fraction of groups kept, largest std of training rewards (score + world-model bonus) first "
            "(of the step's groups over all ranks under torchrun)")
     p("--temperature", type=agent.finite_float, default=1.0,
-      help="sampling temperature (> 0); the PPO ratio, entropy and KL use the same tempered distribution")
+      help=f"sampling temperature (>= {agent.MIN_TEMPERATURE}); the PPO ratio, entropy and KL use the same "
+           "tempered distribution")
     p("--max-turns", type=int, default=agent.MAX_TURNS, help="turns per episode")
     p("--max-response-tokens", type=int, help="tokens per turn")
     p("--max-context-tokens", type=int,
@@ -188,8 +189,8 @@ def parse_args(argv=None):
         problems.append(f"{', '.join(below_one)} must be >= 1")
     if args.save_every < 1 or args.val_every < 0:
         problems.append("--save-every must be >= 1 and --val-every >= 0 (0: only at start and end)")
-    if args.temperature <= 0:
-        problems.append("--temperature must be > 0 (PPO needs a sampled policy)")
+    if args.temperature < agent.MIN_TEMPERATURE:
+        problems.append(f"--temperature must be >= {agent.MIN_TEMPERATURE} (PPO needs a sampled policy)")
     if args.actor_lr <= 0 or args.critic_lr <= 0 or args.kl_coef < 0:
         problems.append("learning rates must be > 0 and --kl-coef >= 0")
     if not (0 < args.clip_low < 1 and args.clip_high > 0 and args.value_clip > 0 and args.grad_clip > 0):

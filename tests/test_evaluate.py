@@ -475,7 +475,8 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, tiny_dir, capsys):
         "nothing to evaluate": ["--env", "sokoban"],
         "a reference row's name; give the folder as ./random": ["--env", "sokoban", "--model", "random"],
         "--k must be": ["--env", "sokoban", "--policy", "random", "--samples", "4", "--k", "8"],
-        "--temperature >= 0": ["--env", "sokoban", "--policy", "random", "--temperature", "-1"],
+        "--temperature 0 (greedy) or >= 0.001": ["--env", "sokoban", "--policy", "random", "--temperature", "-1"],
+        "or >= 0.001": ["--env", "sokoban", "--policy", "random", "--temperature", "1e-40"],  # overflows float32
         "--max-context-tokens must be >= 1": ["--env", "sokoban", "--policy", "random", "--max-context-tokens", "0"],
         "--env-overrides": ["--env", "frozenlake", "--policy", "random", "--env-overrides", '{"colour": 1}'],
         "not --all-envs": ["--all-envs", "--policy", "random", "--env-overrides", '{"slippery": false}'],

@@ -873,7 +873,8 @@ def test_bad_input_gives_one_clear_error(tiny_dir, tmp_path):
     (["--save-every", "0"], "--save-every must be >= 1"),
     (["--ppo-epochs", "0", "--max-turns", "-1"], "--ppo-epochs, --max-turns must be >= 1"),
     (["--val-every", "-1"], "--val-every >= 0"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "0"], "--temperature must be >= 0.001"),
+    (["--temperature", "1e-40"], "--temperature must be >= 0.001"),  # logits / 1e-40 overflow float32
     (["--keep-groups", "1.5"], "--keep-groups must be in (0, 1]"),
     (["--grad-clip", "-1"], "--grad-clip > 0"),  # a negative clip would ascend the loss
     (["--clip-low", "1.5"], "0 < --clip-low < 1"),

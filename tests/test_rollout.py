@@ -171,8 +171,8 @@ def answer(*actions):
 def test_rollout_action_cap_budget_and_turn_limit(tiny):
     _, tokenizer = tiny
     room = "#######\n#P____#\n#___XO#\n#######"
-    # turn 1: 7 actions, only 5 kept; turn 2: 5 more uses the whole 10-action budget mid-turn 3? no:
-    # 5 + 5 = 10 actions, so the episode ends after turn 2 with the budget spent.
+    # turn 1: 7 actions, only 5 kept; turn 2: 5 more, 10 in all: the episode ends after turn 2 with
+    # the budget spent
     responses = [answer("Left", "Up", "Up", "Left", "Up", "Right", "Right"), answer(*["Up"] * 5), answer("Down")]
     (ep,) = agent.rollout(scripted(tokenizer, responses), tokenizer, "sokoban", [0], 1, mode="base",
                           render="grid", env_overrides={"room": room})
@@ -191,6 +191,12 @@ def test_rollout_action_cap_budget_and_turn_limit(tiny):
     (ep,) = agent.rollout(scripted(tokenizer, [answer("Up")] * 6), tokenizer, "sokoban", [0], 1, mode="base",
                           render="grid", max_turns=2, env_overrides={"room": room})
     assert len(ep.turns) == 2 and ep.end_reason == "turns"
+    # the per-turn cap and the format penalty are the rollout's arguments, not fixed numbers
+    (ep,) = agent.rollout(scripted(tokenizer, [answer("Left", "Up", "Up"), answer("Jump")]), tokenizer, "sokoban",
+                          [0], 1, mode="base", render="grid", max_turns=2, max_actions_per_turn=2,
+                          format_penalty=-0.5, env_overrides={"room": room})
+    assert [t["executed"] for t in ep.turns] == [["Left", "Up"], []]
+    assert ep.turn_rewards == pytest.approx([-0.2, -0.5])
 
 
 def test_rollout_success_ends_mid_turn_and_rewards(tiny):
@@ -202,6 +208,10 @@ def test_rollout_success_ends_mid_turn_and_rewards(tiny):
     assert ep.score == pytest.approx(-0.2 + 1 + 10)
     assert ep.turns[0]["state_before"] == "######\n#P_XO#\n#____#\n######"
     assert ep.turns[0]["state_after"] == "######\n#__P√#\n#____#\n######"
+    # an action after the end is not run, so not judged: no format penalty for it
+    (ep,) = agent.rollout(scripted(tokenizer, [answer("Right", "Right", "Jump")]), tokenizer, "sokoban",
+                          [0], 1, mode="base", render="grid", env_overrides={"room": room})
+    assert ep.success and ep.turns[0]["invalid_actions"] == [] and ep.turns[0]["penalty"] == 0.0
 
 
 def test_rollout_format_penalty(tiny):

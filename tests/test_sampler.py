@@ -113,17 +113,18 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_top_token(tiny_dir):
     assert greedy == top1 == nucleus
 
 
-@pytest.mark.parametrize("kwargs", [{"top_k": 5}, {"top_p": 0.5}])
+@pytest.mark.parametrize("kwargs", [{"top_k": 5}, {"top_p": 0.5}, {"top_p": 0.5, "temperature": 0.5}])
 def test_top_k_and_top_p_draw_only_from_their_set_and_not_only_its_top(tiny_dir, kwargs):
     model, tokenizer = varied_model(tiny_dir)
     (prompt,) = random_prompts(1, len(tokenizer), [12])
-    tokens, _ = agent.sample(model, [prompt] * 64, 3, [], tokenizer.pad_token_id, temperature=1.0,
-                             generator=torch.Generator().manual_seed(0), **kwargs)
+    temperature = kwargs.get("temperature", 1.0)  # the set is the tempered distribution's
+    tokens, _ = agent.sample(model, [prompt] * 64, 3, [], tokenizer.pad_token_id,
+                             generator=torch.Generator().manual_seed(0), **{"temperature": 1.0, **kwargs})
     distinct_first = set()
     for new in tokens:
         with torch.no_grad():
             logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1].float()  # (3, V)
-        probs = logits.softmax(-1)
+        probs = (logits / temperature).softmax(-1)
         for position, token in enumerate(new):
             order = probs[position].argsort(descending=True)
             rank = (order == token).nonzero().item()
@@ -163,6 +164,9 @@ def test_sampler_rejects_bad_arguments(tiny):
         agent.sample(model, [[1, 2]], 0, [], 0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         agent.sample(model, [[1, 2], [3]], [4], [], 0)
+    for bad in ({"temperature": -1.0}, {"temperature": 1e-40}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}):
+        with pytest.raises(ValueError, match="need temperature 0"):  # not an error deep in torch.multinomial
+            agent.sample(model, [[1, 2]], 4, [], 0, **bad)
     assert agent.sample(model, [], 4, [], 0) == ([], [])
 
 
