@@ -44,8 +44,10 @@ RENDER_MODES = ("grid", "coords")
 
 # Upper bounds on the settings, far above SPEC §2's defaults (6x6 Sokoban and 4x4 FrozenLake with 10
 # actions, Sudoku with 50) and above any budget a rollout can use (5 turns of 5 actions): past them a
-# typo such as size=3000 or max_steps=10**6 would make each reset run for seconds to minutes. Even at
-# 16x16, FrozenLake's exact oracle takes about 15 s per map (8x8: 0.5 s).
+# typo such as size=3000 or max_steps=10**6 would make each reset run for seconds to minutes. Within
+# them FrozenLake's exact oracle (evaluate.py's oracle row; a reset does not compute it) can still
+# take long: about 0.5 s a map at 8x8 with 10 actions, 7 s at 16x16, 14 s at 8x8 with 200 actions,
+# and at 16x16 with 200 actions minutes and most of a GB.
 MAX_SIDE = 16  # rows or columns of a Sokoban room or a FrozenLake map, hand-written or generated
 MAX_STEPS = 200  # the action budget of every env
 MAX_BOXES = 6  # boxes of a Sokoban, generated or hand-written (the paper uses 1)
@@ -54,7 +56,7 @@ MAX_BOXES = 6  # boxes of a Sokoban, generated or hand-written (the paper uses 1
 def make(name, **overrides):
     """Build an environment by name; keyword overrides replace its defaults (see each class)."""
     constructors = {"sokoban": Sokoban, "frozenlake": FrozenLake, "sudoku": Sudoku}
-    if name not in constructors:
+    if not isinstance(name, str) or name not in constructors:
         raise ValueError(f"unknown env {name!r}: choose one of {', '.join(ENVS)}")
     return constructors[name](**overrides)
 
@@ -303,17 +305,17 @@ class Sokoban:
     Overrides: dim_room=(rows, cols) (default (6, 6), each 3..16), num_boxes (1, at most 6),
     max_steps (10, at most 200: the action budget per episode), render_mode ("grid" or "coords"),
     room (a hand-written symbol grid of at most 16x16, enclosed by walls, used instead of generated
-    puzzles; like a generated one it must be solvable within max_steps actions, and dim_room, if
-    given, must be its size). The puzzle a seed gives depends on dim_room, num_boxes and max_steps
-    too (the generator keeps puzzles that fit the budget).
+    puzzles; like a generated one it must be solvable within max_steps actions, and dim_room and
+    num_boxes, if given, must be its size and its boxes). The puzzle a seed gives depends on
+    dim_room, num_boxes and max_steps too (the generator keeps puzzles that fit the budget).
     """
 
     ACTIONS = ("Up", "Down", "Left", "Right")
     SYMBOLS = {"wall": "#", "empty": "_", "target": "O", "box": "X", "box_on_target": "√",
                "player": "P", "player_on_target": "S"}
 
-    def __init__(self, dim_room=None, num_boxes=1, max_steps=10, render_mode="grid", room=None):
-        self.num_boxes = _whole("num_boxes", num_boxes, 1, MAX_BOXES)
+    def __init__(self, dim_room=None, num_boxes=None, max_steps=10, render_mode="grid", room=None):
+        self.num_boxes = _whole("num_boxes", 1 if num_boxes is None else num_boxes, 1, MAX_BOXES)
         self.max_steps = _whole("max_steps", max_steps, 1, MAX_STEPS)
         self.render_mode = _check_render_mode(render_mode)
         if room is None:
@@ -328,6 +330,9 @@ class Sokoban:
             if dim_room is not None and _dim_room(dim_room) != (self.height, self.width):
                 raise ValueError(f"dim_room {list(dim_room)} disagrees with the room, which is "
                                  f"{self.height}x{self.width}: leave dim_room out")
+            if num_boxes is not None and num_boxes != self.num_boxes:
+                raise ValueError(f"num_boxes {num_boxes} disagrees with the room, which has {self.num_boxes}: "
+                                 f"leave num_boxes out")
         self._deltas = {"up": -self.width, "down": self.width, "left": -1, "right": 1}
         self._state = None
         self.done = False
@@ -880,15 +885,25 @@ class Sudoku:
     """Fill the empty cells of a 4x4 Sudoku. Action: "row,col,value", 1-indexed.
 
     Overrides: num_blanks (6, at most 12: a unique 4x4 puzzle needs at least 4 givens),
-    max_steps (50, at most 200: the action budget), render_mode ("grid" or "coords"), puzzle (16 digits
-    0-4 or '.', row-major, whitespace and '|' ignored; must have exactly one solution).
+    max_steps (50, at most 200: the action budget; at least num_blanks, as every valid move fills one
+    cell, so within that the budget never runs out), render_mode ("grid" or "coords"), puzzle (16
+    digits 0-4 or '.', row-major, whitespace and '|' ignored; must have exactly one solution; num_blanks,
+    if given, must be its empty cells).
+    A legal but wrong digit can leave no legal move at all: every action is then invalid (using no
+    budget) and the episode goes on until the agent loop's turn limit ends it.
     """
 
-    def __init__(self, num_blanks=6, max_steps=50, render_mode="grid", puzzle=None):
-        self.num_blanks = _whole("num_blanks", num_blanks, 1, 12)
+    def __init__(self, num_blanks=None, max_steps=50, render_mode="grid", puzzle=None):
+        self.num_blanks = _whole("num_blanks", 6 if num_blanks is None else num_blanks, 1, 12)
         self.max_steps = _whole("max_steps", max_steps, 1, MAX_STEPS)
         self.render_mode = _check_render_mode(render_mode)
         self._fixed = None if puzzle is None else self._parse_puzzle(puzzle)
+        if puzzle is not None and num_blanks is not None and num_blanks != self.num_blanks:
+            raise ValueError(f"num_blanks {num_blanks} disagrees with the puzzle, which has {self.num_blanks} "
+                             f"empty cells: leave num_blanks out")
+        if self.max_steps < self.num_blanks:
+            raise ValueError(f"max_steps={self.max_steps} is below the {self.num_blanks} empty cells: every valid "
+                             f"move fills one, so no episode could finish")
         self._state = None
         self.done = False
         self.actions_left = self.max_steps

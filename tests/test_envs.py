@@ -95,6 +95,26 @@ def test_same_seed_same_puzzle_fresh_env(name):
         assert a.render("coords") == b.render("coords")
 
 
+# the first validation puzzle of every env: the README's figures were measured on these
+FIRST_VALIDATION_PUZZLE = {"sokoban": "######\n##___#\n#__S##\n##_X##\n##___#\n######",
+                           "frozenlake": "OP_O\nG_O_\n__O_\n__O_",
+                           "sudoku": "1 . 2 4\n. 4 . 3\n. 1 3 2\n. 2 . 1"}
+
+
+@pytest.mark.parametrize("name", envs.ENVS)
+def test_the_seed_alone_makes_the_puzzle(name):
+    # the generators are memoised: without clearing them a second reset would only read the cache
+    generators = (envs._generate_sokoban, envs._generate_frozenlake, envs._generate_sudoku)
+    for generator in generators:
+        generator.cache_clear()
+    random.seed(1)  # the global random state has no say
+    first = envs.make(name).reset(123)
+    for generator in generators:
+        generator.cache_clear()
+    random.seed(2)
+    assert envs.make(name).reset(123) == first == FIRST_VALIDATION_PUZZLE[name]
+
+
 @pytest.mark.parametrize("name", envs.ENVS)
 def test_pieces_say_where_the_grid_draws_them(name):
     rng = random.Random(0)
@@ -170,6 +190,12 @@ def test_sokoban_bad_rooms():
     ("frozenlake", {"size": 4.9}, TypeError, "size must be a whole number"),
     ("sudoku", {"num_blanks": 6.7}, TypeError, "num_blanks must be a whole number"),
     ("sudoku", {"num_blanks": 13}, ValueError, "num_blanks must be in 1..12"),
+    # settings that could never give a finished episode, or that the given puzzle contradicts
+    ("sudoku", {"num_blanks": 8, "max_steps": 7}, ValueError, "max_steps=7 is below the 8 empty cells"),
+    ("sudoku", {"puzzle": "1.34 34.2 2.4. .321", "max_steps": 4}, ValueError, "below the 5 empty cells"),
+    ("sudoku", {"puzzle": "1.34 34.2 2.4. .321", "num_blanks": 6}, ValueError, "num_blanks 6 disagrees"),
+    ("sokoban", {"room": "#####\n#PXO#\n#####", "num_boxes": 2}, ValueError, "num_boxes 2 disagrees"),
+    (["sokoban"], {}, ValueError, "unknown env"),
 ])
 def test_bad_overrides_are_refused_not_rounded(name, overrides, error, message):
     with pytest.raises(error, match=message):
@@ -428,6 +454,15 @@ def test_frozenlake_budget_exhaustion():
     assert done and reward == 0.0 and not info["success"]
 
 
+def test_frozenlake_hole_probability_and_budget_shape_the_maps():
+    cells = 50 * (36 - 2)  # 50 maps of 6x6, less start and goal
+    assert sum(envs.make("frozenlake", size=6, hole_prob=0).reset(seed).count("O") for seed in range(50)) == 0
+    share = sum(envs.make("frozenlake", size=6, hole_prob=0.5).reset(seed).count("O") for seed in range(50)) / cells
+    assert 0.4 < share < 0.55  # a little under 0.5: maps without a short enough path are drawn again
+    env = envs.make("frozenlake", size=6, max_steps=2)  # the goal within the budget, on every map
+    assert {len(env.reset(seed) and env.shortest_path()) for seed in range(200)} == {1, 2}
+
+
 def test_frozenlake_1000_seeds():
     env = envs.make("frozenlake")
     flat = envs.make("frozenlake", slippery=False)
@@ -684,11 +719,11 @@ def test_sudoku_completion_reward():
 
 
 def test_sudoku_budget_and_dead_end():
-    env = envs.make("sudoku", max_steps=2, puzzle=PUZZLE)
+    # the budget can be exactly the empty cells: the last one filled on the last action succeeds
+    env = envs.make("sudoku", max_steps=5, puzzle=PUZZLE)
     env.reset(0)
-    assert not env.step("1,2,2")[2]
-    _, reward, done, info = env.step("2,3,1")
-    assert done and reward == 0.0 and not info["success"]  # budget used up, grid not complete
+    rewards = [env.step(move)[1:] for move in env.solve()]
+    assert [(r, d) for r, d, _ in rewards] == [(0.0, False)] * 4 + [(1.0, True)] and rewards[-1][2]["success"]
     # a legal but wrong digit: the grid can no longer be completed, and the solver says so
     env = envs.make("sudoku", num_blanks=10)
     for seed in range(100):
