@@ -1,4 +1,5 @@
 """The hand-written KV-cache sampler against transformers' own generation and a full forward pass."""
+import math
 import random
 
 import pytest
@@ -249,7 +250,9 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(monkeypatch):
     assert graphed == eager
     # in bf16, as the rollout runs at paper scale (tokens may differ from eager's at near-ties)
     recorded.clear()
-    tokens, _ = agent.sample(model.bfloat16(), prompts, 30, stops, 0, generator=torch.Generator("cuda").manual_seed(0),
-                             cuda_graph=True)
+    tokens, logprobs = agent.sample(model.bfloat16(), prompts, 30, stops, 0,
+                                    generator=torch.Generator("cuda").manual_seed(0), cuda_graph=True)
     assert recorded and all(recorded), agent.GRAPH_CAPTURE_FAILURES
     assert all(1 <= len(t) <= 30 for t in tokens)
+    # no NaN from the left-padded rows' pad queries (SPEC §10) reaches a log-prob
+    assert all(math.isfinite(x) and x <= 0 for row in logprobs for x in row)
