@@ -289,6 +289,13 @@ def test_worldmodel_reward_pays_exact_states_only(tiny):
                           mode="worldmodel", instruction="short", max_turns=2, env_overrides={"slippery": False})
     assert [rl.worldmodel_hits(t) for t in ep.turns] == [(True, True)] * len(ep.turns)
     assert rl.episode_rewards(ep, 0.1) == pytest.approx([r + 0.2 for r in ep.turn_rewards])
+    # the bonus reaches the tokens: on each turn's last token, or summed on the episode's last
+    args = small_args(worldmodel_reward=0.1, state_loss=True, turn_rewards=True)
+    batch, _ = rl.build_batch([ep], tokenizer, args)
+    assert batch["rewards"][0, ep.turn_ends].tolist() == pytest.approx(rl.episode_rewards(ep, 0.1))
+    args.turn_rewards = False
+    batch, _ = rl.build_batch([ep], tokenizer, args)
+    assert batch["rewards"][0, ep.turn_ends[-1]].item() == pytest.approx(ep.score + 0.2 * len(ep.turns))
 
     def copy_and_idle(ep):  # the state copied into both spans, no answer: nothing moves, so both "true"
         return agent.replace_states("<observation></observation>go<prediction></prediction></think>"
@@ -351,6 +358,9 @@ def test_advantages_are_whitened_over_the_tokens_of_the_policy_loss(tiny, tiny_d
     used = batch["advantages"][policy_mask]
     assert abs(used.mean().item()) < 1e-5 and abs(used.pow(2).mean().item() - 1) < 1e-4
     assert (batch["advantages"][outside] == 0).all()
+    # GAE itself ran over every assistant token, the states too (the critic learns their values)
+    _, returns = rl.gae(batch["rewards"], batch["values"], batch["assistant"], args.gamma, args.lam)
+    assert torch.equal(batch["returns"], returns) and (batch["returns"][outside] != 0).any()
 
 
 def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
@@ -365,6 +375,11 @@ def test_no_state_loss_removes_the_states_from_the_policy_mask_only(tiny):
     text = tokenizer.decode(with_states["ids"][0][dropped[0]])
     grid = episodes[0].turns[0]["state_before"].replace("\n", "")
     assert grid in text.replace("\n", "") and "<answer>" not in text and "</think>" not in text
+    # in every turn of every episode, not only the first
+    for row, ep in enumerate(episodes):
+        spans = rl.turn_spans(ep.assistant_mask)
+        assert len(spans) == len(ep.turns) and all(dropped[row, first:last + 1].any() for first, last in spans)
+    assert max(len(ep.turns) for ep in episodes) > 1
 
 
 def one_turn_episode(tokens, prompt_length, reward, group=0):
@@ -390,6 +405,19 @@ def test_filter_groups_keeps_the_groups_with_the_largest_score_std():
     assert len(rl.filter_groups(episodes, 1.0)) == len(episodes)
     hundred = [one_turn_episode([], 0, s, group=g) for g in range(100) for s in (0.0, g + 1.0)]
     assert len({ep.group for ep in rl.filter_groups(hundred, 0.29)}) == 29  # 0.29 * 100 is 28.999999999999996
+    assert len({ep.group for ep in rl.filter_groups(hundred[:20], 0.25)}) == 2  # 0.25 of 10 groups: 2, not 3
+
+
+def test_the_group_filter_ranks_by_the_training_reward_with_the_world_model_bonus():
+    # group 0: equal scores, but only one sample's observation is exact; group 1: scores 0 and 0.1
+    def episode(group, score, exact):
+        turn = {"observation": "state" if exact else "?", "coords_before": "state", "prediction": None,
+                "state_after": "next", "format_valid": True}
+        return agent.Episode("frozenlake", seed=0, group=group, sample=0, env=None, tokens=[], assistant_mask=[],
+                             logprobs=[], turn_ends=[0], turn_rewards=[score], score=score, turns=[turn])
+    episodes = [episode(0, 0.0, True), episode(0, 0.0, False), episode(1, 0.0, False), episode(1, 0.1, False)]
+    assert {ep.group for ep in rl.filter_groups(episodes, 0.5)} == {1}  # by score alone
+    assert {ep.group for ep in rl.filter_groups(episodes, 0.5, worldmodel_reward=1.0)} == {0}  # bonus 1 vs 0
 
 
 def free_port():
@@ -568,9 +596,38 @@ def test_each_sequence_is_in_exactly_one_mini_batch_per_epoch(tiny, tiny_dir):
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (actor, critic)]
     stats = rl.update(actor, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
     assert stats["optimizer_steps"] == 3
+    args.ppo_epochs = 2  # every epoch goes over the whole batch again
+    assert rl.update(actor, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)[
+        "optimizer_steps"] == 6
     assert stats["response_tokens"] == batch["assistant"].sum()
     assert stats["policy_tokens"] == batch["policy"].sum()
     assert stats["outside_tokens"] == (batch["assistant"] - batch["policy"]).sum() > 0
+
+
+def test_step_metrics_divide_each_sum_by_what_it_counts():
+    turn = {"executed": ["Up"], "format_valid": True, "observation": None, "prediction": None,
+            "coords_before": "", "state_after": ""}
+    episodes = [agent.Episode("frozenlake", seed=0, group=0, sample=i, env=None, tokens=[1, 2, 3, 4],
+                              assistant_mask=[0, 1, 1, 1], logprobs=[0.0] * 4, turn_ends=[3], turn_rewards=[i],
+                              score=float(i), success=bool(i), turns=[turn, turn]) for i in range(2)]
+    assistant = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]])
+    returns = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 1.0, 5.0]]) * assistant
+    values = torch.tensor([[0.0, 1.5, 1.5, 2.0], [0.0, 0.5, 1.0, 3.0]]) * assistant
+    batch = {"assistant": assistant, "returns": returns, "values": values, "lengths": [4, 4],
+             "sampler_logprobs": torch.zeros(2, 4), "old_logprobs": torch.zeros(2, 4)}
+    stats = {"pg_loss": 1.0, "entropy": 2.0, "clip_low": 1.0, "clip_high": 3.0, "approx_kl": 0.5,
+             "approx_kl_outside": 0.0, "kl_ref": 0.0, "policy_tokens": 4.0, "outside_tokens": 2.0, "value_loss": 1.2,
+             "value_clip": 3.0, "response_tokens": 6.0, "actor_grad_norm": 6.0, "critic_grad_norm": 9.0,
+             "optimizer_steps": 3.0}
+    row = rl.step_metrics(1, episodes, batch, stats, small_args(), torch.device("cpu"), 1, {"step_s": 2.0})
+    assert (row["actor/clip_frac_low"], row["actor/clip_frac_high"]) == (0.25, 0.75)
+    assert (row["actor/grad_norm"], row["critic/grad_norm"]) == (2.0, 3.0)  # a mean over optimiser steps
+    assert (row["critic/value_loss"], row["critic/value_clip_frac"]) == (0.2, 0.5)  # over response tokens
+    assert (row["train/reward"], row["train/success"], row["train/turns"]) == (0.5, 0.5, 2.0)
+    assert row["train/response_tokens"] == 1.5  # per turn
+    r, v = returns[assistant.bool()], values[assistant.bool()]
+    assert row["critic/explained_var"] == pytest.approx(1 - (r - v).var(unbiased=False) / r.var(unbiased=False),
+                                                        abs=1e-5)
 
 
 def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir):
@@ -641,7 +698,7 @@ def tiny_run(tiny_dir, out, *extra):
     return ["--env", "frozenlake", "--preset", "tiny", "--model", tiny_dir, *(["--out", str(out)] if out else []),
             "--steps", "2", "--env-groups", "4", "--group-size", "4", "--keep-groups", "0.5", "--mini-batch", "4",
             "--val-puzzles", "2", "--val-samples", "2", "--val-every", "0", "--max-response-tokens", "24",
-            "--actor-lr", "1e-3", "--critic-lr", "1e-3", *extra]
+            "--actor-lr", "1e-3", "--critic-lr", "2e-3", *extra]
 
 
 def test_validation_plays_in_batches_no_larger_than_the_rollout_and_counts_each_puzzle_apart(tiny, monkeypatch):
@@ -702,6 +759,7 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
     b = torch.load(tmp_path / "moved" / "b" / "train_state.pt", weights_only=False)
     for part in ("actor", "critic"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert [a[f"{part}_opt"]["param_groups"][0]["lr"] for part in ("actor", "critic")] == [1e-3, 2e-3]  # each its own
     assert straight == {**resumed, "checkpoint": straight["checkpoint"]}
     # the same folder with another learning rate is another run: a clear error, the run untouched
     with pytest.raises(SystemExit, match=r"cannot continue \(actor_lr: 0.001 there, 0.0005 now\)"):
