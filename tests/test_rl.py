@@ -843,7 +843,7 @@ for i, answer in enumerate(answers):
                                   turn_ends=[n - 1], turn_rewards=[reward], score=reward,
                                   turns=[{"observation": None, "prediction": None, "format_valid": True}]))
 args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--mini-batch", "16",
-                      "--ppo-epochs", "1", "--grad-clip", "1e9", "--entropy-coef", "0.01",
+                      "--ppo-epochs", "1", "--grad-clip", "0.5", "--entropy-coef", "0.01",
                       "--micro-batch-tokens", "60"])
 share = episodes[rank::world] if sys.argv[4] == "halves" else (episodes if rank == 0 else [])  # or "lopsided"
 batch, _ = rl.build_batch(share, tokenizer, args)
@@ -863,7 +863,8 @@ if world > 1:
 def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(tiny_dir, tmp_path, split):
     """Gradients summed over ranks, losses divided by the token counts of all ranks: two ranks on
     halves of a batch take exactly the step one process takes on all of it (a rank that averaged
-    its gradients over ranks, or normalised by its own tokens, would take another). A rank with no
+    its gradients over ranks, normalised by its own tokens, or clipped its share before the sum -- the
+    clip binds here -- would take another). A rank with no
     sequence at all (lopsided: rank 0 holds the whole batch) joins every collective call with
     nothing, and the step is still the same."""
     script = tmp_path / "update.py"
