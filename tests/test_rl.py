@@ -630,6 +630,23 @@ def test_step_metrics_divide_each_sum_by_what_it_counts():
                                                         abs=1e-5)
 
 
+def test_kl_ref_is_the_kl_of_the_policy_from_the_reference(tiny_dir):
+    model, tokenizer = agent.load_model(tiny_dir, device="cpu")
+    critic = rl.build_critic(tiny_dir, "cpu")
+    episodes = agent.rollout(agent.random_policy(tokenizer, random.Random(0), "worldmodel"), tokenizer, "frozenlake",
+                             [10, 11], 2, mode="worldmodel", instruction="short")
+    args = small_args(state_loss=False, kl_coef=0.5, entropy_coef=0.0, mini_batch=64)
+    batch, _ = rl.build_batch(episodes, tokenizer, args)
+    forward_and_advantages(model, critic, batch, args)
+    states = (batch["assistant"] - batch["policy"]).bool()
+    batch["ref_logprobs"] = batch["old_logprobs"] - states.float()  # log(p_ref / p) = -1 on the states, 0 elsewhere
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (model, critic)]
+    stats = rl.update(model, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
+    # k3 of KL(policy || reference) on samples of the policy: r - log r - 1 with r = p_ref / p = e^-1
+    # (the reverse direction would give e - 2 per state token)
+    assert stats["kl_ref"] == pytest.approx(states.sum().item() * math.exp(-1), rel=1e-3)
+
+
 def test_kl_penalty_anchors_the_states_that_the_policy_loss_leaves_out(tiny_dir):
     """With --no-state-loss the policy gradient skips the <observation>/<prediction> contents; the KL
     penalty to the reference must still cover them, or nothing holds the SFT's world model in place
@@ -795,6 +812,22 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_dir, tmp_p
     assert os.path.isfile(tmp_path / "a" / "model" / "model.safetensors")
     reloaded, _ = agent.load_model(str(tmp_path / "a" / "model"), device="cpu")
     assert all(torch.equal(p, a["actor"][k]) for k, p in reloaded.state_dict().items() if k in a["actor"])
+
+
+def test_each_step_samples_with_its_own_seed_from_the_updated_policy(tiny_dir, tmp_path, monkeypatch):
+    # the bf16 sampling copy (the default on a GPU) must follow the actor's updates, or every rollout
+    # would come from the starting model
+    calls, real = [], agent.model_policy
+
+    def recording(model, tokenizer, **kw):
+        calls.append((kw["generator"].initial_seed(), sum(p.double().sum().item() for p in model.parameters())))
+        return real(model, tokenizer, **kw)
+    monkeypatch.setattr(agent, "model_policy", recording)
+    rl.main(tiny_run(tiny_dir, tmp_path / "r", "--rollout-dtype", "bf16", "--steps", "3"))
+    seeds = [rl.seed_for(0, "rollout", step, 0) for step in range(3)]
+    rollouts = [call for call in calls if call[0] in seeds]
+    assert [seed for seed, _ in rollouts] == seeds
+    assert len({weights for _, weights in rollouts}) == 3
 
 
 def test_torchrun_two_ranks_on_cpu_stay_in_sync(tiny_dir, tmp_path):
