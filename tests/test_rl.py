@@ -583,7 +583,7 @@ def test_the_update_scores_tokens_at_the_sampling_temperature(tiny, tiny_dir):
     assert stats["clip_low"] == stats["clip_high"] == 0
 
 
-def test_each_sequence_is_in_exactly_one_mini_batch_per_epoch(tiny, tiny_dir):
+def test_each_sequence_is_in_exactly_one_mini_batch_per_epoch(tiny, tiny_dir, monkeypatch):
     """Six sequences in mini-batches of two: three optimiser steps, and every sequence's tokens
     counted once (overlapping slices would train some sequences twice in an epoch, unnoticed as long
     as a batch fits in one mini-batch)."""
@@ -596,9 +596,13 @@ def test_each_sequence_is_in_exactly_one_mini_batch_per_epoch(tiny, tiny_dir):
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (actor, critic)]
     stats = rl.update(actor, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)
     assert stats["optimizer_steps"] == 3
-    args.ppo_epochs = 2  # every epoch goes over the whole batch again
+    args.ppo_epochs = 2  # every epoch goes over the whole batch again, in another order
+    seen, real = [], agent.micro_batches
+    monkeypatch.setattr(agent, "micro_batches", lambda rows, *rest: seen.append(list(rows)) or real(rows, *rest))
     assert rl.update(actor, critic, *opts, batch, args, 1, torch.device("cpu"), rl.nullcontext(), 0)[
         "optimizer_steps"] == 6
+    assert len(seen) == 6 and seen[:3] != seen[3:]
+    assert sorted(sum(seen[:3], [])) == sorted(sum(seen[3:], [])) == list(range(6))
     assert stats["response_tokens"] == batch["assistant"].sum()
     assert stats["policy_tokens"] == batch["policy"].sum()
     assert stats["outside_tokens"] == (batch["assistant"] - batch["policy"]).sum() > 0
@@ -628,6 +632,26 @@ def test_step_metrics_divide_each_sum_by_what_it_counts():
     r, v = returns[assistant.bool()], values[assistant.bool()]
     assert row["critic/explained_var"] == pytest.approx(1 - (r - v).var(unbiased=False) / r.var(unbiased=False),
                                                         abs=1e-5)
+
+
+def test_validation_score_is_per_episode_and_format_validity_per_turn(tiny, monkeypatch):
+    model, tokenizer = tiny
+    args = rl.parse_args(["--env", "frozenlake", "--preset", "tiny", "--out", "unused", "--val-puzzles", "3",
+                          "--val-samples", "2"])
+    monkeypatch.setattr(agent, "model_policy", lambda *a, **k: agent.random_policy(tokenizer, random.Random(0),
+                                                                                   "worldmodel"))
+    played, real = [], agent.rollout
+
+    def recorded(*a, **k):
+        episodes = real(*a, **k)
+        played.extend(episodes)
+        return episodes
+    monkeypatch.setattr(agent, "rollout", recorded)
+    row = rl.validate(model, tokenizer, args, 0, 1, torch.device("cpu"), 0)
+    turns = [t for ep in played for t in ep.turns]
+    assert len(played) == 6 and len(turns) > len(played)
+    assert row["val/score"] == round(sum(ep.score for ep in played) / len(played), 4)
+    assert row["val/format_valid"] == round(sum(t["format_valid"] for t in turns) / len(turns), 4)
 
 
 def test_kl_ref_is_the_kl_of_the_policy_from_the_reference(tiny_dir):
